@@ -1,0 +1,198 @@
+"""ROI heads that train on hard examples mined online (OHEM).
+
+``OHEMROIHeads`` (FPN and other StandardROIHeads models, box / mask / keypoint)
+and ``OHEMRes5ROIHeads`` (C4) replace Detectron2's RoI sampler during training:
+
+* every proposal is labelled (GT boxes appended as usual) and none is sampled
+  away: no ``bg_lo``, no fg:bg ratio;
+* ``two_pass`` mode: a read-only forward of the box head (no autograd graph,
+  chunked over RoIs) gives each RoI its loss; :mod:`ohem_d2.selection` keeps the
+  hardest; the stock trainable forward and backward then run on those alone,
+  so the backward pass costs what the baseline's does;
+* ``loss_zeroing`` mode: one trainable forward on all RoIs whose losses outside
+  the hard set are zeroed, the costly alternative the paper argues against.
+
+At inference both heads are exactly their stock parents: same parameters, same
+outputs, checkpoints interchangeable.
+"""
+import contextlib
+
+import torch
+
+from detectron2.config import configurable
+from detectron2.layers import nonzero_tuple
+from detectron2.modeling.roi_heads import (
+    ROI_HEADS_REGISTRY,
+    Res5ROIHeads,
+    StandardROIHeads,
+    select_foreground_proposals,
+)
+
+from .config import OHEMSettings
+from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats
+from .roi_loss import per_roi_losses
+from .selection import select_per_image
+
+
+class OHEMMixin:
+    """Online hard example mining for a Detectron2 ROI head.
+
+    The head class mixing this in provides ``_box_predictions(features, boxes)``:
+    the box predictor's outputs for a list of feature maps and a list of
+    :class:`Boxes`, one per image.
+    """
+
+    @configurable
+    def __init__(self, *, ohem: OHEMSettings, **kwargs):
+        super().__init__(**kwargs)
+        self.ohem = ohem
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["ohem"] = OHEMSettings.from_config(cfg)
+        return ret
+
+    def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):
+        """Label every proposal and keep all of them as candidates (the miner replaces the sampler).
+
+        Same labels as Detectron2's sampler: the matched GT class, background (``num_classes``)
+        below the IoU threshold, and ignored (-1) proposals dropped where the config asks for them.
+        """
+        if gt_classes.numel() > 0:
+            gt_classes = gt_classes[matched_idxs]
+            gt_classes[matched_labels == 0] = self.num_classes
+            gt_classes[matched_labels == -1] = -1
+        else:
+            gt_classes = torch.full_like(matched_idxs, self.num_classes)
+        keep = nonzero_tuple(gt_classes != -1)[0]
+        return keep, gt_classes[keep]
+
+    def _readonly_predictions(self, features, proposals):
+        """Box-predictor outputs for every RoI, without autograd, in chunks of RoIs of one image."""
+        chunk = self.ohem.readonly_chunk_size
+        if chunk == 0:
+            return self._box_predictions(features, [p.proposal_boxes for p in proposals])
+        parts = []
+        for i, p in enumerate(proposals):
+            image_features = [f[i : i + 1] for f in features]
+            for start in range(0, len(p), chunk):
+                parts.append(self._box_predictions(image_features, [p.proposal_boxes[start : start + chunk]]))
+        return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+    def _readonly_precision(self, device_type):
+        """Autocast for an opt-in low-precision read-only pass; under AMP the pass follows AMP."""
+        if self.ohem.readonly_dtype == "float32" or torch.is_autocast_enabled(device_type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=getattr(torch, self.ohem.readonly_dtype))
+
+    def _hardness(self, cls_loss, box_loss):
+        return cls_loss + box_loss if self.ohem.loss == "cls_box" else cls_loss
+
+    def _mine(self, features, proposals):
+        """The read-only pass and the selection: returns the mined proposals, one Instances per image."""
+        with torch.no_grad(), self._readonly_precision(features[0].device.type):
+            predictions = self._readonly_predictions(features, proposals)
+            hardness = self._hardness(*per_roi_losses(self.box_predictor, predictions, proposals))
+        return self._select(hardness, proposals)[1]
+
+    def _select(self, hardness, proposals):
+        """Select the hard RoIs by ``hardness`` (R,); returns (flat indices, mined proposals)."""
+        num_images = len(proposals)
+        lengths = torch.tensor([len(p) for p in proposals], device=hardness.device)
+        image_ids = torch.repeat_interleave(torch.arange(num_images, device=hardness.device), lengths)
+        boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
+        selected, num_after_nms = select_per_image(
+            hardness, boxes, image_ids, num_images, self.ohem.batch_size_per_image, self.ohem.nms_thresh
+        )
+        per_image = torch.bincount(image_ids[selected], minlength=num_images).tolist()
+        starts = torch.cumsum(lengths, 0) - lengths
+        mined = [
+            p[idx - start] for p, idx, start in zip(proposals, selected.split(per_image), starts)
+        ]
+        if self.ohem.log_diagnostics:
+            gt_classes = torch.cat([p.gt_classes for p in proposals])
+            is_fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+            record_mining_stats(
+                mining_stats(hardness, is_fg, max_iou_with_gt(proposals), selected, num_images, num_after_nms)
+            )
+        return selected, mined
+
+    def _loss_zeroing_box_losses(self, features, proposals):
+        """One trainable pass on all RoIs; the losses of the RoIs not mined are zeroed.
+
+        Normalised by the number of mined RoIs, as the two-pass losses are, so both modes give
+        the same loss and gradients for the same selection.
+        """
+        predictions = self._box_predictions(features, [p.proposal_boxes for p in proposals])
+        cls_loss, box_loss = per_roi_losses(self.box_predictor, predictions, proposals)
+        selected, mined = self._select(self._hardness(cls_loss, box_loss).detach(), proposals)
+        keep = torch.zeros_like(cls_loss)
+        keep[selected] = 1.0
+        num_mined = max(len(selected), 1)
+        losses = {
+            "loss_cls": (cls_loss * keep).sum() / num_mined,
+            "loss_box_reg": (box_loss * keep).sum() / num_mined,
+        }
+        return mined, losses
+
+
+@ROI_HEADS_REGISTRY.register()
+class OHEMROIHeads(OHEMMixin, StandardROIHeads):
+    """:class:`StandardROIHeads` (FPN; box, mask and keypoint heads) trained with OHEM."""
+
+    def _box_predictions(self, features, boxes):
+        return self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
+
+    def forward(self, images, features, proposals, targets=None):
+        if not self.training:
+            return super().forward(images, features, proposals, targets)
+        proposals = self.label_and_sample_proposals(proposals, targets)
+        del targets
+        box_features = [features[f] for f in self.box_in_features]
+        if self.ohem.mode == "two_pass":
+            mined = self._mine(box_features, proposals)
+            losses = self._forward_box(features, mined)
+        else:
+            mined, losses = self._loss_zeroing_box_losses(box_features, proposals)
+        # The mask and keypoint heads train on the foreground among the mined RoIs.
+        losses.update(self._forward_mask(features, mined))
+        losses.update(self._forward_keypoint(features, mined))
+        return mined, losses
+
+
+@ROI_HEADS_REGISTRY.register()
+class OHEMRes5ROIHeads(OHEMMixin, Res5ROIHeads):
+    """:class:`Res5ROIHeads` (C4; box and mask heads) trained with OHEM."""
+
+    def _box_predictions(self, features, boxes):
+        return self.box_predictor(self._shared_roi_transform(features, boxes).mean(dim=[2, 3]))
+
+    def _mask_losses(self, features, proposals, box_features=None):
+        """Mask loss on the foreground of ``proposals``; reuses their res5 features when given."""
+        if not self.mask_on:
+            return {}
+        fg_proposals, fg_masks = select_foreground_proposals(proposals, self.num_classes)
+        if box_features is not None:
+            mask_features = box_features[torch.cat(fg_masks, dim=0)]
+        else:
+            mask_features = self._shared_roi_transform(features, [p.proposal_boxes for p in fg_proposals])
+        return self.mask_head(mask_features, fg_proposals)
+
+    def forward(self, images, features, proposals, targets=None):
+        if not self.training:
+            return super().forward(images, features, proposals, targets)
+        proposals = self.label_and_sample_proposals(proposals, targets)
+        del targets
+        features = [features[f] for f in self.in_features]
+        if self.ohem.mode == "two_pass":
+            mined = self._mine(features, proposals)
+            # Detectron2's Res5ROIHeads training step, on the mined RoIs only.
+            box_features = self._shared_roi_transform(features, [p.proposal_boxes for p in mined])
+            predictions = self.box_predictor(box_features.mean(dim=[2, 3]))
+            losses = self.box_predictor.losses(predictions, mined)
+            losses.update(self._mask_losses(features, mined, box_features))
+        else:
+            mined, losses = self._loss_zeroing_box_losses(features, proposals)
+            losses.update(self._mask_losses(features, mined))
+        return [], losses

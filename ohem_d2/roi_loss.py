@@ -1,0 +1,71 @@
+"""Per-RoI loss: the hardness OHEM ranks RoIs by.
+
+Detectron2's :meth:`FastRCNNOutputLayers.losses` returns batch means; OHEM needs
+the same losses one RoI at a time. This module applies the very loss functions
+the box predictor trains with (cross-entropy or sigmoid CE, smooth-L1 / GIoU /
+DIoU / CIoU from fvcore and Detectron2, class-specific or class-agnostic
+deltas, the predictor's loss weights), unreduced, so that
+
+    [l.mean() for l in per_roi_losses(...)] == box_predictor.losses(...).values()
+
+which the tests check. Always computed in fp32, whatever precision the logits
+came in (AMP, bf16 read-only pass), so rankings do not overflow or saturate.
+"""
+import torch
+import torch.nn.functional as F
+from fvcore.nn import giou_loss, smooth_l1_loss
+
+from detectron2.layers.losses import ciou_loss, diou_loss
+
+
+def per_roi_classification_loss(box_predictor, scores, gt_classes):
+    """Classification loss of each RoI, shape (R,), as the predictor defines it."""
+    scores = scores.float()
+    if not box_predictor.use_sigmoid_ce:
+        loss = F.cross_entropy(scores, gt_classes, reduction="none")
+    else:
+        num_classes = scores.shape[1] - 1
+        target = F.one_hot(gt_classes, num_classes + 1)[:, :num_classes].to(scores.dtype)
+        loss = F.binary_cross_entropy_with_logits(scores[:, :-1], target, reduction="none").sum(dim=1)
+    return loss * box_predictor.loss_weight.get("loss_cls", 1.0)
+
+
+def per_roi_box_regression_loss(box_predictor, proposal_deltas, proposal_boxes, gt_boxes, gt_classes):
+    """Box-regression loss of each RoI, shape (R,); zero for background RoIs."""
+    num_classes = box_predictor.num_classes
+    deltas = proposal_deltas.float()
+    fg = (gt_classes >= 0) & (gt_classes < num_classes)
+    if deltas.shape[1] != 4:  # class-specific: the deltas of each RoI's GT class
+        cls = torch.where(fg, gt_classes, torch.zeros_like(gt_classes))
+        deltas = deltas.view(-1, num_classes, 4)[torch.arange(len(cls), device=cls.device), cls]
+    transform = box_predictor.box2box_transform
+    loss_type = box_predictor.box_reg_loss_type
+    if loss_type == "smooth_l1":
+        gt_deltas = transform.get_deltas(proposal_boxes, gt_boxes)
+        loss = smooth_l1_loss(deltas, gt_deltas, box_predictor.smooth_l1_beta, reduction="none").sum(dim=1)
+    else:
+        iou_losses = {"giou": giou_loss, "diou": diou_loss, "ciou": ciou_loss}
+        if loss_type not in iou_losses:
+            raise ValueError(f"OHEM: unsupported MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE {loss_type!r}")
+        pred_boxes = transform.apply_deltas(deltas, proposal_boxes)
+        loss = iou_losses[loss_type](pred_boxes, gt_boxes, reduction="none")
+    # where() rather than a product: a background RoI's placeholder target may give inf/nan.
+    loss = torch.where(fg, loss, torch.zeros_like(loss))
+    return loss * box_predictor.loss_weight.get("loss_box_reg", 1.0)
+
+
+def per_roi_losses(box_predictor, predictions, proposals):
+    """(classification, box regression) loss of every RoI of ``proposals``, each of shape (R,).
+
+    ``proposals`` are labelled Instances (``proposal_boxes``, ``gt_classes``, ``gt_boxes`` where the
+    image has GT), in the order of ``predictions``.
+    """
+    scores, proposal_deltas = predictions
+    gt_classes = torch.cat([p.gt_classes for p in proposals])
+    proposal_boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
+    # Images without GT have no gt_boxes; their RoIs are background and the placeholder is unused.
+    gt_boxes = torch.cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals])
+    return (
+        per_roi_classification_loss(box_predictor, scores, gt_classes),
+        per_roi_box_regression_loss(box_predictor, proposal_deltas, proposal_boxes, gt_boxes, gt_classes),
+    )

@@ -1,0 +1,27 @@
+"""ohem_d2: Online Hard Example Mining for Detectron2.
+
+Detectron2 itself is not on PyPI: run ``make install`` (or
+``python scripts/install_detectron2.py``) first, which keeps a Detectron2 you
+already have and otherwise installs its pure-Python code.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="ohem_d2",
+    version="0.1.0",
+    description="Online Hard Example Mining (Shrivastava et al., CVPR 2016) for Detectron2",
+    packages=find_packages(include=["ohem_d2", "ohem_d2.*"]),
+    python_requires=">=3.8",
+    install_requires=[
+        "detectron2",
+        "torch>=1.13",
+        "torchvision>=0.14",
+        "fvcore>=0.1.5,<0.1.6",
+        "pycocotools>=2.0.2",
+        # Headless build: the desktop wheel needs libGL, absent on servers and CI.
+        "opencv-python-headless>=4.5",
+        "matplotlib>=3.5",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
