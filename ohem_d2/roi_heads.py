@@ -49,9 +49,8 @@ class OHEMMixin:
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        ret["ohem"] = OHEMSettings.from_config(cfg)
-        return ret
+        ohem = OHEMSettings.from_config(cfg)  # validate before the parent builds anything
+        return {**super().from_config(cfg, input_shape), "ohem": ohem}
 
     def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):
         """Label every proposal and keep all of them as candidates (the miner replaces the sampler).
@@ -91,7 +90,7 @@ class OHEMMixin:
 
     def _mine(self, features, proposals):
         """The read-only pass and the selection: returns the mined proposals, one Instances per image."""
-        with torch.no_grad(), self._readonly_precision(features[0].device.type):
+        with torch.no_grad(), self._readonly_precision(proposals[0].proposal_boxes.device.type):
             predictions = self._readonly_predictions(features, proposals)
             hardness = self._hardness(*per_roi_losses(self.box_predictor, predictions, proposals))
         return self._select(hardness, proposals)[1]

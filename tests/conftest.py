@@ -1,0 +1,85 @@
+"""Shared helpers: small CPU configs, hand-made proposals, and the coco128 location."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.structures import Boxes, Instances
+
+from ohem_d2 import add_ohem_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+COCO128 = Path(os.environ.get("OHEM_D2_COCO128", REPO.parent / "shared" / "data" / "coco128"))
+
+FPN_OHEM = "COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem.yaml"
+C4_OHEM = "COCO-Detection/faster_rcnn_R_50_C4_1x_ohem.yaml"
+MASK_OHEM = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_ohem.yaml"
+
+# A ResNet-18 at ~128 px: the same code paths as the configs' R-50, at CPU-test cost.
+TINY = [
+    "MODEL.WEIGHTS", "",
+    "MODEL.DEVICE", "cpu",
+    "MODEL.RESNETS.DEPTH", 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", 200,
+    "MODEL.RPN.POST_NMS_TOPK_TEST", 100,
+    "INPUT.MIN_SIZE_TRAIN", (128,),
+    "INPUT.MAX_SIZE_TRAIN", 192,
+    "INPUT.MIN_SIZE_TEST", 128,
+    "INPUT.MAX_SIZE_TEST", 192,
+    "SOLVER.IMS_PER_BATCH", 2,
+    "DATALOADER.NUM_WORKERS", 0,
+]
+
+
+def load_cfg(config_file, opts=(), tiny=True):
+    """A config from ``configs/`` with OHEM keys added, weights off, on the CPU."""
+    cfg = get_cfg()
+    add_ohem_config(cfg)
+    cfg.merge_from_file(str(CONFIGS / config_file))
+    cfg.merge_from_list((TINY if tiny else ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]) + list(opts))
+    return cfg
+
+
+def require_coco128():
+    if not (COCO128 / "annotations" / "instances_train2017.json").is_file():
+        pytest.skip(f"real-image tests need {COCO128} (the shared coco128 folder); it is absent here")
+    return COCO128
+
+
+def instances(image_size, boxes, **fields):
+    """Instances of one image with ``proposal_boxes`` (or other Boxes fields) from lists."""
+    inst = Instances(image_size)
+    for name, value in {"proposal_boxes": boxes, **fields}.items():
+        if value is None:
+            continue
+        if name.endswith("boxes"):
+            value = Boxes(torch.as_tensor(value, dtype=torch.float32).reshape(-1, 4))
+        else:
+            value = torch.as_tensor(value)
+        inst.set(name, value)
+    return inst
+
+
+def random_fpn_features(num_images=2, size=64, channels=256, seed=0):
+    """Random p2..p6 FPN features for ``num_images`` images of ``size`` x ``size``."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"p{level}": torch.randn(num_images, channels, size // 2**level, size // 2**level, generator=g)
+        for level in range(2, 7)
+    }
+
+
+def random_proposals(num_images=2, num=40, size=64, seed=0):
+    """Random proposals (with objectness) in ``size`` x ``size`` images."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_images):
+        xy = torch.rand(num, 2, generator=g) * (size - 16)
+        wh = 6 + torch.rand(num, 2, generator=g) * (size / 2)
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size)], dim=1)
+        out.append(instances((size, size), boxes, objectness_logits=torch.rand(num, generator=g)))
+    return out

@@ -1,0 +1,699 @@
+#!/usr/bin/env python
+"""Training-step speed and memory of OHEM against Detectron2's stock RoI sampler.
+
+Why this exists: OHEM's promise (Shrivastava et al., 2016, Sec. 4) is that mining
+hard RoIs is cheap. The only extra work is a *read-only* forward of the RoI head
+over every proposal (no autograd graph, nothing kept for backward); the
+trainable forward and the backward still run on B RoIs, as the stock sampler's
+do, so backward cost and activation memory scale with B, not with the number of
+proposals. The naive alternative (``loss_zeroing``: one trainable pass on all
+RoIs, the unwanted losses zeroed) pays the backward and the activations of every
+proposal. This tool measures both claims on full Detectron2 training steps.
+
+What is timed: Detectron2's own ``SimpleTrainer.run_step`` (fp32) or
+``AMPTrainer.run_step`` (``SOLVER.AMP``: autocast + GradScaler): forward, loss,
+backward, metrics, the ``build_optimizer`` SGD step; ``torch.cuda.synchronize()``
+before and after each iteration on CUDA. Inputs are real images and boxes
+(COCO128 by default) mapped by Detectron2's ``DatasetMapper`` and batched by
+``build_detection_train_loader`` with the config's resizing, loaded once before
+timing; every arm trains on the same sequence of batches. All arms of a table
+are built in one process (each head's arms start from identical weights) and
+run interleaved: after a warmup, rounds in which every arm runs a block of
+iterations, in an order rotated every round, so that clock or thermal drift
+reaches all arms alike.
+
+Weights: pretrained checkpoints cannot be downloaded here, so the models start
+from Detectron2's random initialisation (``MODEL.WEIGHTS ""``). A random ResNet
+with FrozenBN (identity statistics) has activations in the 1e4 range and losses
+in the hundreds, which overflow fp16 and are not what a real run computes; so
+each FrozenBN's statistics are set once, from one batch, to those of its input
+(a data-dependent init). This changes no shape and no op: the step costs what
+it costs with ImageNet weights. Pass ``MODEL.WEIGHTS /path/to/file.pkl`` to
+load real weights instead (then nothing is calibrated). The SGD learning rate
+is the one of a real run's first iteration (``BASE_LR * WARMUP_FACTOR``).
+
+Peak memory (CUDA): per arm, ``torch.cuda.max_memory_allocated`` reset before
+each of its blocks, minus what was allocated at the block's start, plus the
+arm's own resident tensors then (parameters, buffers, gradients, optimizer and
+GradScaler state): the peak a process training only that arm would report,
+other arms' resident models excluded (process-wide workspaces created during
+warmup, the same for every arm, are not counted). On CPU it is reported as n/a.
+
+Suites:
+  --suite gpu   the real measurement: R50-FPN and R50-C4, 800 px short side
+                (max 1333), 2 images/batch, fp32 / AMP (fp16) / fp32 with a bf16
+                read-only pass; 10 warmup and 30 timed iterations per arm.
+                Needs CUDA.
+  --suite cpu   a smoke-size run for machines without a GPU: ResNet-18, 128 px,
+                few proposals and RoIs; fp32 and fp32 + bf16 read-only pass.
+
+Example:
+  python tools/benchmark.py --suite gpu --out results/benchmark_gpu
+  python tools/benchmark.py --suite cpu --heads fpn --iters 2 SOLVER.IMS_PER_BATCH 1
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Deprecation chatter from torch / Detectron2 imports (torch.jit.script, torch.cuda.amp) would
+# bury the table; the measurement does not depend on it.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*torch.cuda.amp.*")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import detectron2  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader  # noqa: E402
+from detectron2.data import get_detection_dataset_dicts  # noqa: E402
+from detectron2.data.datasets import register_coco_instances  # noqa: E402
+from detectron2.data.samplers import TrainingSampler  # noqa: E402
+from detectron2.engine import AMPTrainer, SimpleTrainer  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.solver import build_optimizer  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+import ohem_d2  # noqa: E402
+
+DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "coco128" / "train2017"
+CONFIG_DIR = REPO_ROOT / "configs" / "COCO-Detection"
+
+# arm -> (config file, with {head} = FPN | C4; extra overrides)
+ARMS = {
+    "stock": ("faster_rcnn_R_50_{head}_1x.yaml", []),
+    "two_pass": ("faster_rcnn_R_50_{head}_1x_ohem.yaml", ["MODEL.OHEM.MODE", "two_pass"]),
+    "loss_zeroing": ("faster_rcnn_R_50_{head}_1x_ohem.yaml", ["MODEL.OHEM.MODE", "loss_zeroing"]),
+}
+HEADS = {"fpn": "FPN", "c4": "C4"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    label: str
+    amp_dtype: object = None  # torch dtype of SOLVER.AMP's autocast, None for fp32
+    readonly_dtype: str = "float32"  # MODEL.OHEM.READONLY_DTYPE
+    reference: str = ""  # precision whose stock arm is the baseline ("" = itself)
+    arms: tuple = tuple(ARMS)  # arms it applies to
+
+
+PRECISIONS = {
+    "fp32": Precision("fp32"),
+    # SOLVER.AMP.ENABLED: Detectron2's AMPTrainer, whose default autocast dtype is fp16.
+    "amp": Precision("AMP fp16", amp_dtype=torch.float16),
+    "amp_bf16": Precision("AMP bf16", amp_dtype=torch.bfloat16),
+    # fp32 training, OHEM's read-only pass in bf16: only two_pass has a read-only pass.
+    "fp32_bf16ro": Precision("fp32 + bf16 read-only", readonly_dtype="bfloat16", reference="fp32",
+                             arms=("two_pass",)),
+}
+
+SUITES = {
+    "gpu": dict(
+        device="cuda", warmup=10, iters=30, block=5,
+        heads=["fpn", "c4"], precisions=["fp32", "amp", "fp32_bf16ro"],
+        overrides=[
+            "MODEL.WEIGHTS", "",
+            "SOLVER.IMS_PER_BATCH", 2,
+            "INPUT.MIN_SIZE_TRAIN", (800,),
+            "INPUT.MAX_SIZE_TRAIN", 1333,
+        ],
+    ),
+    "cpu": dict(
+        device="cpu", warmup=1, iters=3, block=1,
+        heads=["fpn", "c4"], precisions=["fp32", "fp32_bf16ro"],
+        overrides=[
+            "MODEL.WEIGHTS", "",
+            "MODEL.RESNETS.DEPTH", 18,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+            "SOLVER.IMS_PER_BATCH", 2,
+            "INPUT.MIN_SIZE_TRAIN", (128,),
+            "INPUT.MAX_SIZE_TRAIN", 224,
+            "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 256,
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN", 128,
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
+        ],
+    ),
+}
+
+
+class BenchmarkError(Exception):
+    """Bad input: reported as one line, no traceback."""
+
+
+def log(msg):
+    print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description=__doc__.split("\n\n")[0] + " See the module docstring (top of the file) for the method.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "arms: " + ", ".join(ARMS) + "; heads: " + ", ".join(HEADS) + "; precisions: "
+            + ", ".join(PRECISIONS) + " (fp32_bf16ro: fp32 training with MODEL.OHEM.READONLY_DTYPE "
+            "bfloat16, two_pass only; amp/amp_bf16 need CUDA).\n\nexamples:\n"
+            "  python tools/benchmark.py --suite gpu --out results/benchmark_gpu\n"
+            "  python tools/benchmark.py --suite cpu --out /tmp/bench_cpu\n"
+            "  python tools/benchmark.py --suite gpu --heads fpn --precisions amp_bf16 "
+            "MODEL.OHEM.READONLY_CHUNK_SIZE 0"
+        ),
+    )
+    parser.add_argument("--suite", choices=sorted(SUITES), default="cpu",
+                        help="preset sizes and defaults: gpu = the real R50 measurement (CUDA), "
+                             "cpu = smoke-size run (default: cpu)")
+    parser.add_argument("--arms", help="comma-separated arms (default: all: " + ",".join(ARMS) + ")")
+    parser.add_argument("--heads", help="comma-separated heads among " + ",".join(HEADS) + " (default: both)")
+    parser.add_argument("--precisions", help="comma-separated precisions among " + ",".join(PRECISIONS)
+                        + " (default: suite's)")
+    parser.add_argument("--iters", type=int, help="timed iterations per arm (default: suite's)")
+    parser.add_argument("--warmup", type=int, help="untimed iterations per arm first (default: suite's)")
+    parser.add_argument("--block", type=int,
+                        help="iterations an arm runs before the next arm's turn (default: suite's)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: suite's)")
+    parser.add_argument("--images", default=str(DEFAULT_IMAGES),
+                        help="folder of COCO-style training images (default: %(default)s)")
+    parser.add_argument("--annotations",
+                        help="COCO instances JSON of --images (default: "
+                             "IMAGES/../annotations/instances_<folder name>.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
+    parser.add_argument("--out", help="folder to write benchmark.md and benchmark.json to")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides applied to every arm, after the suite's (Detectron2 style)")
+    return parser.parse_args(argv)
+
+
+def _pick(value, valid, what):
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise BenchmarkError(f"unknown {what} {unknown[0]!r}: expected one of {', '.join(valid)}")
+    if not names:
+        raise BenchmarkError(f"no {what} given")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class Plan:
+    suite: str
+    device: str
+    warmup: int
+    iters: int
+    block: int
+    combos: list  # (head, precision, arm)
+    images: Path
+    annotations: Path
+    overrides: list
+    seed: int
+    out: object
+
+
+def make_plan(args):
+    suite = SUITES[args.suite]
+    arms = _pick(args.arms, ARMS, "arm") if args.arms is not None else list(ARMS)
+    heads = _pick(args.heads, HEADS, "head") if args.heads is not None else list(suite["heads"])
+    precisions = (_pick(args.precisions, PRECISIONS, "precision") if args.precisions is not None
+                  else list(suite["precisions"]))
+    warmup = suite["warmup"] if args.warmup is None else args.warmup
+    iters = suite["iters"] if args.iters is None else args.iters
+    block = suite["block"] if args.block is None else args.block
+    if iters < 1 or warmup < 0 or block < 1:
+        raise BenchmarkError("--iters and --block must be >= 1 and --warmup >= 0")
+
+    device = args.device or suite["device"]
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise BenchmarkError(f"unknown --device {device!r}: expected cpu, cuda or cuda:N")
+    if args.suite == "gpu" and device == "cpu":
+        raise BenchmarkError("--suite gpu measures on CUDA; use --suite cpu to run on the CPU")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BenchmarkError(
+                f"--suite {args.suite} --device {device} needs CUDA, but torch.cuda.is_available() is False "
+                f"(torch {torch.__version__}); on a machine without a GPU use --suite cpu"
+            )
+        if device[5:] and int(device[5:]) >= torch.cuda.device_count():
+            raise BenchmarkError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    else:
+        amp = [p for p in precisions if PRECISIONS[p].amp_dtype is not None]
+        if amp:
+            raise BenchmarkError(
+                f"precision {amp[0]!r} needs CUDA (Detectron2's AMPTrainer is CUDA-only); "
+                "on the CPU use --precisions fp32,fp32_bf16ro"
+            )
+
+    combos = []
+    for head in heads:
+        for prec in precisions:
+            p = PRECISIONS[prec]
+            for arm in arms:
+                if arm == "stock" and p.reference:  # the baseline of fp32_bf16ro is stock fp32
+                    continue
+                if arm in p.arms:
+                    combos.append((head, prec, arm))
+            if p.reference and "stock" in arms and (head, p.reference, "stock") not in combos:
+                combos.insert(0, (head, p.reference, "stock"))
+    if not combos:
+        raise BenchmarkError(f"no arm applies to --arms {','.join(arms)} with --precisions "
+                             f"{','.join(precisions)} (fp32_bf16ro only applies to two_pass)")
+    combos.sort(key=lambda c: (list(HEADS).index(c[0]), list(PRECISIONS).index(c[1]), list(ARMS).index(c[2])))
+
+    images = Path(args.images)
+    if not images.is_dir():
+        raise BenchmarkError(f"images folder not found: {images} (give one with --images DIR)")
+    annotations = (Path(args.annotations) if args.annotations
+                   else images.parent / "annotations" / f"instances_{images.name}.json")
+    if not annotations.is_file():
+        raise BenchmarkError(f"annotations file not found: {annotations} (give one with --annotations FILE)")
+    if len(args.opts) % 2:
+        raise BenchmarkError(f"config overrides must be KEY VALUE pairs, got {len(args.opts)} items: "
+                             f"{' '.join(args.opts)}")
+    overrides = list(suite["overrides"]) + list(args.opts)
+    return Plan(args.suite, device, warmup, iters, block, combos, images, annotations, overrides,
+                args.seed, Path(args.out) if args.out else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config, data, models
+
+
+def build_cfg(plan, head, prec, arm):
+    """The arm's config: its model-zoo YAML, then arm and precision, then suite and user overrides."""
+    config_name, arm_overrides = ARMS[arm]
+    path = CONFIG_DIR / config_name.format(head=HEADS[head])
+    p = PRECISIONS[prec]
+    applied = ["MODEL.DEVICE", plan.device, "SOLVER.AMP.ENABLED", p.amp_dtype is not None,
+               "DATALOADER.NUM_WORKERS", 0]
+    if arm != "stock":
+        applied += arm_overrides + ["MODEL.OHEM.READONLY_DTYPE", p.readonly_dtype]
+    applied += plan.overrides
+    cfg = get_cfg()
+    ohem_d2.add_ohem_config(cfg)
+    cfg.merge_from_file(str(path))
+    try:
+        cfg.merge_from_list(applied)
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise BenchmarkError(f"bad config override for {arm} {head}: {e}".replace("\n", " ")) from None
+    if cfg.MODEL.DEVICE != plan.device:
+        raise BenchmarkError("set the device with --device, not MODEL.DEVICE")
+    if cfg.SOLVER.AMP.ENABLED != (p.amp_dtype is not None):
+        raise BenchmarkError("set AMP with --precisions amp|amp_bf16, not SOLVER.AMP.ENABLED")
+    if arm != "stock":
+        try:
+            ohem_d2.validate_ohem_config(cfg)
+        except ohem_d2.OHEMConfigError as e:
+            raise BenchmarkError(str(e)) from None
+    cfg.freeze()
+    return cfg, path, [v if isinstance(v, (str, int, float, bool)) else list(v) for v in applied]
+
+
+def head_name(cfg, head):
+    return f"R{cfg.MODEL.RESNETS.DEPTH}-{HEADS[head]}"
+
+
+def load_batches(cfg, plan, count):
+    """``count`` training batches from Detectron2's own mapper and loader, loaded once."""
+    key = hashlib.sha1(f"{plan.images.resolve()}|{plan.annotations.resolve()}".encode()).hexdigest()[:10]
+    name = f"ohem_benchmark_{key}"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, str(plan.annotations), str(plan.images))
+    try:
+        dicts = get_detection_dataset_dicts([name], filter_empty=True)
+    except Exception as e:  # unreadable / malformed JSON
+        raise BenchmarkError(f"cannot read {plan.annotations}: {e}".replace("\n", " ")) from None
+    ims = cfg.SOLVER.IMS_PER_BATCH
+    if len(dicts) < ims:
+        raise BenchmarkError(f"{plan.images} has {len(dicts)} annotated images, fewer than "
+                             f"SOLVER.IMS_PER_BATCH = {ims}")
+    count = max(1, min(count, len(dicts) // ims))
+    random.seed(plan.seed)
+    np.random.seed(plan.seed)
+    torch.manual_seed(plan.seed)
+    loader = build_detection_train_loader(
+        dicts, mapper=DatasetMapper(cfg, is_train=True),
+        sampler=TrainingSampler(len(dicts), shuffle=True, seed=plan.seed),
+        total_batch_size=ims, aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, num_workers=0,
+    )
+    it = iter(loader)
+    try:
+        batches = [next(it) for _ in range(count)]
+    except FileNotFoundError as e:
+        raise BenchmarkError(f"image listed in {plan.annotations} not found: {e.filename}") from None
+    del it, loader
+    return batches
+
+
+class Cycle:
+    """A data loader over pre-loaded batches: batch k of every arm is the same."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        k = 0
+        while True:
+            yield self.batches[k % len(self.batches)]
+            k += 1
+
+
+@torch.no_grad()
+def calibrate_frozen_bn(model, batch):
+    """Set every FrozenBN's statistics to those of its input on ``batch`` (see module docstring)."""
+    def pre_hook(module, inputs):
+        x = inputs[0].float()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+
+    hooks = [m.register_forward_pre_hook(pre_hook) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    if not hooks:
+        return 0
+    try:
+        with EventStorage():
+            model(batch)  # training mode: the C4 head's res5 sees RoIs, as in training
+    finally:
+        for h in hooks:
+            h.remove()
+    return len(hooks)
+
+
+@dataclass
+class Arm:
+    head: str
+    prec: str
+    arm: str
+    cfg: object
+    config_path: Path
+    overrides: list
+    trainer: object = None
+    storage: object = None
+    step: int = 0
+    warmup_times: list = field(default_factory=list)
+    times: list = field(default_factory=list)
+    batch_ids: list = field(default_factory=list)
+    peak_bytes: int = 0
+    peak_detail: dict = field(default_factory=dict)
+
+    @property
+    def key(self):
+        return f"{self.arm}/{self.head}/{self.prec}"
+
+
+def resident_bytes(arm):
+    """Bytes of the arm's tensors living across steps: parameters, buffers, grads, optimizer state."""
+    model, optimizer = arm.trainer.model, arm.trainer.optimizer
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    scaler = getattr(arm.trainer, "grad_scaler", None)
+    if scaler is not None:
+        tensors += [v for v in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None))
+                    if torch.is_tensor(v)]
+    seen, total = set(), 0
+    for t in tensors:
+        if t.device.type != "cuda":
+            continue
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def build_arms(plan):
+    arms = [Arm(h, p, a, *build_cfg(plan, h, p, a)) for h, p, a in plan.combos]
+    # Every arm must see the same inputs: one set of batches per input config.
+    data_key = {a.key: (a.cfg.INPUT.dump(), a.cfg.SOLVER.IMS_PER_BATCH) for a in arms}
+    if len(set(data_key.values())) != 1:
+        raise BenchmarkError("the arms' INPUT / SOLVER.IMS_PER_BATCH configs differ; their inputs would too")
+    batches = load_batches(arms[0].cfg, plan, plan.warmup + plan.iters)
+    sizes = [[list(d["image"].shape[-2:]) for d in b] for b in batches]
+    log(f"{len(batches)} batches of {arms[0].cfg.SOLVER.IMS_PER_BATCH} images loaded from {plan.images} "
+        f"(first: {sizes[0]})")
+
+    weights = {}
+    for a in arms:
+        if a.head in weights:
+            continue
+        torch.manual_seed(plan.seed)
+        ref = build_model(a.cfg)
+        if a.cfg.MODEL.WEIGHTS:
+            DetectionCheckpointer(ref).load(a.cfg.MODEL.WEIGHTS)
+            n = 0
+        else:
+            n = calibrate_frozen_bn(ref, batches[0])
+        weights[a.head] = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+        log(f"{head_name(a.cfg, a.head)}: initial weights ready ({n} FrozenBN calibrated)")
+        del ref
+
+    for a in arms:
+        model = build_model(a.cfg)
+        model.load_state_dict(weights[a.head])
+        optimizer = build_optimizer(a.cfg, model)
+        for group in optimizer.param_groups:  # LR of a real run's first (warmup) iteration
+            group["lr"] *= a.cfg.SOLVER.WARMUP_FACTOR
+        amp_dtype = PRECISIONS[a.prec].amp_dtype
+        if amp_dtype is not None:
+            a.trainer = AMPTrainer(model, Cycle(batches), optimizer, precision=amp_dtype)
+        else:
+            a.trainer = SimpleTrainer(model, Cycle(batches), optimizer)
+        a.storage = EventStorage(0)
+    if plan.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = bool(arms[0].cfg.CUDNN_BENCHMARK)
+    return arms, batches, sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+
+
+def run_iterations(arm, n, timed, cuda):
+    times = arm.times if timed else arm.warmup_times
+    with arm.storage:
+        for _ in range(n):
+            arm.trainer.iter = arm.storage.iter = arm.step
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            arm.trainer.run_step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            if timed:
+                arm.batch_ids.append(arm.step % len(arm.trainer.data_loader.batches))
+            arm.step += 1
+
+
+def run_block(arm, n, timed, cuda):
+    try:
+        if not (cuda and timed):
+            return run_iterations(arm, n, timed, cuda)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        own = resident_bytes(arm)
+        run_iterations(arm, n, timed, cuda)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base + own
+        if peak > arm.peak_bytes:
+            arm.peak_bytes = peak
+            arm.peak_detail = {"max_allocated": torch.cuda.max_memory_allocated(),
+                               "allocated_at_block_start": base, "arm_resident_at_block_start": own}
+    except torch.cuda.OutOfMemoryError:
+        raise BenchmarkError(f"CUDA out of memory in arm {arm.key}; run fewer arms at once "
+                             "(--heads / --precisions / --arms)") from None
+    except FloatingPointError as e:
+        raise BenchmarkError(f"arm {arm.key}: {e}".replace("\n", " ")) from None
+
+
+def measure(plan, arms):
+    cuda = plan.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(torch.device(plan.device))
+    if plan.warmup:
+        log(f"warmup: {plan.warmup} iteration(s) per arm, {len(arms)} arms")
+        for a in arms:
+            run_block(a, plan.warmup, False, cuda)
+    rounds = math.ceil(plan.iters / plan.block)
+    schedule = []
+    for r in range(rounds):
+        n = min(plan.block, plan.iters - r * plan.block)
+        order = arms[r % len(arms):] + arms[: r % len(arms)]
+        log(f"round {r + 1}/{rounds}: {n} timed iteration(s) per arm")
+        for a in order:
+            run_block(a, n, True, cuda)
+        schedule.append({"iterations": n, "order": [a.key for a in order]})
+    for a in arms:
+        a.trainer.after_train()
+    return schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def summarize(arms, cuda):
+    """Rows of the table, as dicts; ratios against the stock arm of the same head and precision."""
+    by_key = {(a.head, a.prec, a.arm): a for a in arms}
+    rows = []
+    for a in arms:
+        ref_prec = PRECISIONS[a.prec].reference or a.prec
+        ref = by_key.get((a.head, ref_prec, "stock"))
+        median = statistics.median(a.times)
+        row = {
+            "arm": a.arm, "head": head_name(a.cfg, a.head), "head_key": a.head, "precision": a.prec,
+            "precision_label": PRECISIONS[a.prec].label, "images_per_batch": a.cfg.SOLVER.IMS_PER_BATCH,
+            "median_s": median, "min_s": min(a.times), "max_s": max(a.times),
+            "time_ratio": statistics.median(a.times) / statistics.median(ref.times) if ref else None,
+            "peak_mem_mib": a.peak_bytes / 2**20 if cuda else None,
+            "mem_ratio": (a.peak_bytes / ref.peak_bytes) if (cuda and ref and ref.peak_bytes) else None,
+            "reference": f"stock/{a.head}/{ref_prec}" if ref else None,
+        }
+        rows.append(row)
+    return rows
+
+
+def fmt_ratio(r):
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+def format_table(rows):
+    lines = [
+        "| arm | head | precision | images/batch | median s/iter (min-max) | time vs stock "
+        "| peak memory (MiB) | memory vs stock |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mem = "n/a" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
+        lines.append(
+            f"| {r['arm']} | {r['head']} | {r['precision_label']} | {r['images_per_batch']} "
+            f"| {r['median_s']:.4f} ({r['min_s']:.4f}-{r['max_s']:.4f}) | {fmt_ratio(r['time_ratio'])} "
+            f"| {mem} | {fmt_ratio(r['mem_ratio'])} |"
+        )
+    return "\n".join(lines)
+
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(plan):
+    env = {
+        "device": plan.device, "device_name": device_name(plan.device),
+        "torch": torch.__version__, "detectron2": detectron2.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch_num_threads": torch.get_num_threads(),
+    }
+    try:
+        import torchvision
+        env["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if plan.device.startswith("cuda"):
+        env.update({
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        })
+    return env
+
+
+def notes(plan, env, n_batches):
+    mem = ("peak memory: max_memory_allocated during the arm's blocks, other arms' resident tensors "
+           "subtracted (see tools/benchmark.py)" if plan.device.startswith("cuda")
+           else "peak memory: n/a on CPU")
+    return (
+        f"device: {env['device_name']}; torch {env['torch']}, detectron2 {env['detectron2']}\n"
+        f"{plan.iters} timed iterations per arm after {plan.warmup} warmup, blocks of {plan.block}, "
+        f"interleaved; {n_batches} distinct batches, the same for every arm; "
+        f"time vs stock: median over the stock arm's of the same head and training precision; {mem}"
+    )
+
+
+def write_outputs(plan, argv, arms, rows, schedule, env, sizes, table, note):
+    plan.out.mkdir(parents=True, exist_ok=True)
+    command = "python tools/benchmark.py " + shlex.join(argv)
+    (plan.out / "benchmark.md").write_text(
+        f"# OHEM training-step benchmark\n\n`{command}`\n\n{table}\n\n{note}\n"
+    )
+    raw = {
+        "command": command, "argv": list(argv), "cwd": os.getcwd(), "suite": plan.suite,
+        "environment": env, "seed": plan.seed, "warmup": plan.warmup, "iters": plan.iters,
+        "block": plan.block, "schedule": schedule,
+        "images": str(plan.images), "annotations": str(plan.annotations), "batch_image_sizes": sizes,
+        "overrides": [v if isinstance(v, (str, int, float, bool)) else list(v) for v in plan.overrides],
+        "rows": rows,
+        "arms": [],
+    }
+    for a in arms:
+        hist = a.storage.histories()
+        ohem = {k: statistics.mean(v for v, _ in hist[k].values()) for k in hist if k.startswith("ohem/")}
+        raw["arms"].append({
+            "key": a.key, "arm": a.arm, "head": head_name(a.cfg, a.head), "head_key": a.head,
+            "precision": a.prec, "config_file": str(a.config_path.relative_to(REPO_ROOT)),
+            "config_overrides": a.overrides, "roi_heads": a.cfg.MODEL.ROI_HEADS.NAME,
+            "images_per_batch": a.cfg.SOLVER.IMS_PER_BATCH,
+            "times_s": a.times, "warmup_times_s": a.warmup_times, "batch_ids": a.batch_ids,
+            "peak_mem_bytes": a.peak_bytes if plan.device.startswith("cuda") else None,
+            "peak_mem_detail": a.peak_detail or None,
+            "ohem_stats_mean": ohem or None,
+        })
+    (plan.out / "benchmark.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        plan = make_plan(args)
+        t0 = time.time()
+        arms, batches, sizes = build_arms(plan)
+        log(f"{len(arms)} arms built in {time.time() - t0:.1f} s: " + ", ".join(a.key for a in arms))
+        schedule = measure(plan, arms)
+    except BenchmarkError as e:
+        print(f"benchmark.py: error: {e}", file=sys.stderr)
+        return 2
+    env = environment(plan)
+    rows = summarize(arms, plan.device.startswith("cuda"))
+    table = format_table(rows)
+    note = notes(plan, env, len(batches))
+    print(table)
+    print()
+    print(note)
+    if plan.out:
+        write_outputs(plan, argv, arms, rows, schedule, env, sizes, table, note)
+        log(f"wrote {plan.out / 'benchmark.md'} and {plan.out / 'benchmark.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
