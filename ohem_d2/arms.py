@@ -1,0 +1,62 @@
+"""The arms of a baseline-versus-OHEM comparison, as config overrides on one base config.
+
+Every arm is the same base config (model, data, schedule, seed, RoI budget) with only the
+RoI-choosing keys changed, so that a difference in AP is the sampler's doing. The stock
+and OHEM heads of each family are paired here, which lets any Detectron2 config serve as base.
+"""
+from collections import OrderedDict
+
+STOCK_TO_OHEM_HEAD = {
+    "StandardROIHeads": "OHEMROIHeads",
+    "Res5ROIHeads": "OHEMRes5ROIHeads",
+    "CascadeROIHeads": "OHEMCascadeROIHeads",
+}
+OHEM_TO_STOCK_HEAD = {v: k for k, v in STOCK_TO_OHEM_HEAD.items()}
+
+# How RoIs are labelled: Detectron2's default (no bg_lo) and Fast R-CNN's (bg_lo = 0.1).
+_NO_BG_LO = ["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.5], "MODEL.ROI_HEADS.IOU_LABELS", [0, 1]]
+_BG_LO = ["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.1, 0.5], "MODEL.ROI_HEADS.IOU_LABELS", [-1, 0, 1]]
+_QUARTER_FG = ["MODEL.ROI_HEADS.POSITIVE_FRACTION", 0.25]
+
+# name -> (description, stock or OHEM head, overrides)
+ARMS = OrderedDict(
+    [
+        ("fast_rcnn_heuristics", ("Fast R-CNN sampler: bg_lo 0.1, 1:3 fg:bg", "stock", _BG_LO + _QUARTER_FG)),
+        ("stock", ("Detectron2 sampler: bg_lo 0, 1:3 fg:bg (the paper's 'remove bg_lo')", "stock",
+                   _NO_BG_LO + _QUARTER_FG)),
+        ("ohem", ("OHEM as in the paper: all RoIs, loss cls+box, NMS 0.7", "ohem", _NO_BG_LO)),
+        ("ohem_no_nms", ("OHEM without the NMS", "ohem", _NO_BG_LO + ["MODEL.OHEM.NMS_THRESH", 1.0])),
+        ("ohem_cls", ("OHEM ranked by the classification loss alone", "ohem",
+                      _NO_BG_LO + ["MODEL.OHEM.LOSS", "cls"])),
+        ("ohem_loss_zeroing", ("OHEM by zeroing the losses of easy RoIs (one pass)", "ohem",
+                               _NO_BG_LO + ["MODEL.OHEM.MODE", "loss_zeroing"])),
+    ]
+)
+DEFAULT_ARMS = ("stock", "fast_rcnn_heuristics", "ohem")
+
+
+class UnknownArmError(ValueError):
+    pass
+
+
+def arm_overrides(arm, base_head):
+    """Config overrides (a flat KEY, VALUE list) that turn a base config into ``arm``.
+
+    ``base_head`` is the base config's MODEL.ROI_HEADS.NAME, stock or OHEM: the arm keeps its
+    family (FPN, C4, cascade) and sets the stock or OHEM member.
+    """
+    if arm not in ARMS:
+        raise UnknownArmError(f"unknown arm {arm!r}; known arms: {', '.join(ARMS)}")
+    stock_head = OHEM_TO_STOCK_HEAD.get(base_head, base_head)
+    if stock_head not in STOCK_TO_OHEM_HEAD:
+        raise UnknownArmError(
+            f"MODEL.ROI_HEADS.NAME {base_head!r} has no OHEM counterpart; the base config must use one of "
+            f"{', '.join(STOCK_TO_OHEM_HEAD)} (or their OHEM heads)"
+        )
+    _, kind, overrides = ARMS[arm]
+    head = STOCK_TO_OHEM_HEAD[stock_head] if kind == "ohem" else stock_head
+    return ["MODEL.ROI_HEADS.NAME", head] + overrides
+
+
+def describe(arm):
+    return ARMS[arm][0]

@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Baseline versus OHEM: train every arm the same way, evaluate, print and plot the comparison.
+
+Each arm is the base config with only its RoI-choosing keys changed (see ohem_d2/arms.py), run
+with the same seeds, data order, schedule and RoI budget by tools/train_net.py in its own
+output folder OUTPUT/ARM/seed_S. Re-running the same command resumes: finished runs are
+skipped, an interrupted run continues from its last checkpoint, and a folder that holds a run
+with other settings is never overwritten. The report (results.json, results.md, loss.png, ap.png,
+mining.png) is rebuilt from the run folders at the end.
+
+With no --config-file it runs the embedded default: a procedurally generated shapes dataset
+(written in COCO format under $DETECTRON2_DATASETS/ohem_synthetic) and a small Faster R-CNN
+trained from scratch, sized for a 2-core CPU.
+
+    python tools/run_experiment.py                       # the embedded default, CPU
+    python tools/run_experiment.py --config-file configs/PascalVOC-Detection/faster_rcnn_R_50_FPN.yaml \
+        --arms stock fast_rcnn_heuristics ohem --seeds 0 1 2 --num-gpus 8 --output output/voc_ohem
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from ohem_d2.arms import ARMS, DEFAULT_ARMS, UnknownArmError, arm_overrides, describe
+from ohem_d2.report import read_metrics, write_report
+from ohem_d2.synthetic_data import SyntheticDatasetError, generate_synthetic_dataset
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TOOLS)
+sys.path.insert(0, TOOLS)
+from train_net import USER_ERRORS, argument_parser as train_argument_parser, build_config  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "Synthetic-Detection", "faster_rcnn_R_18_FPN_scratch.yaml")
+POLL_SECONDS = 2.0
+
+
+class ExperimentError(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", help="base config (default: the embedded synthetic experiment)")
+    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), metavar="ARM",
+                   help=f"arms to compare, first one is the reference (known: {', '.join(ARMS)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; every arm runs every seed")
+    p.add_argument("--output", default=None, help="experiment folder (default: output/experiment_<config name>)")
+    p.add_argument("--num-gpus", type=int, default=0, help="GPUs per run (0: MODEL.DEVICE of the config)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs at once (e.g. several small arms sharing one GPU, or CPU cores)")
+    p.add_argument("--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"))
+    p.add_argument("--register-voc", nargs=4, action="append", default=[], metavar=("NAME", "DIR", "SPLIT", "CLASSES"))
+    p.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
+                   help="a generator setting of the embedded dataset (repeatable), e.g. "
+                        "--synthetic num_train=2000 --synthetic image_size=256")
+    p.add_argument("--data-root", default=os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "ohem_synthetic"),
+                   help="where the embedded dataset is written")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
+    p.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                   help="KEY VALUE config overrides for every arm (e.g. SOLVER.MAX_ITER 100)")
+    return p.parse_args(argv)
+
+
+def synthetic_registration(args):
+    """Generate (or reuse) the embedded dataset and return its --register-coco entries."""
+    settings = {}
+    for item in args.synthetic:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ExperimentError(f"--synthetic expects KEY=VALUE, got {item!r}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    try:
+        ds = generate_synthetic_dataset(args.data_root, **settings)
+    except TypeError as e:
+        raise ExperimentError(f"bad --synthetic setting: {e}") from None
+    return [["synthetic_train", ds.train_json, ds.train_images], ["synthetic_val", ds.val_json, ds.val_images]], ds
+
+
+def plan_runs(args):
+    """The runs of the experiment: {(arm, seed): (run_dir, train_net argv)}, and the experiment spec."""
+    config = os.path.abspath(args.config_file or DEFAULT_CONFIG)
+    register_coco = [list(e) for e in args.register_coco]
+    synthetic = None
+    if not args.config_file:
+        entries, synthetic = synthetic_registration(args)
+        register_coco += entries
+    common = ["--config-file", config, "--num-gpus", str(max(args.num_gpus, 1))]
+    opts = list(args.opts)
+    if "MODEL.DEVICE" not in opts[::2]:  # train where this machine can: the GPU if there is one
+        opts = ["MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu"] + opts
+    for entry in register_coco:
+        common += ["--register-coco", *entry]
+    for entry in args.register_voc:
+        common += ["--register-voc", *entry]
+    base = build_config(train_argument_parser().parse_args(common + opts))
+    output = os.path.abspath(args.output or os.path.join("output", "experiment_" + os.path.splitext(os.path.basename(config))[0]))
+    runs = {}
+    for arm in args.arms:
+        overrides = [str(v) for v in arm_overrides(arm, base.MODEL.ROI_HEADS.NAME)]
+        for seed in args.seeds:
+            run_dir = os.path.join(output, arm, f"seed_{seed}")
+            argv = common + opts + overrides + ["SEED", str(seed), "OUTPUT_DIR", run_dir]
+            build_config(train_argument_parser().parse_args(argv))  # every arm's config is valid
+            runs[(arm, seed)] = (run_dir, argv)
+    experiment = {
+        "base_config": config,
+        "arms": {a: {"description": describe(a), "overrides": arm_overrides(a, base.MODEL.ROI_HEADS.NAME)}
+                 for a in args.arms},
+        "seeds": args.seeds,
+        "opts": opts,
+        "max_iter": base.SOLVER.MAX_ITER,
+        "ims_per_batch": base.SOLVER.IMS_PER_BATCH,
+        "train": list(base.DATASETS.TRAIN),
+        "test": list(base.DATASETS.TEST),
+        "synthetic_dataset": synthetic.settings if synthetic else None,
+    }
+    return output, runs, experiment
+
+
+def run_state(run_dir):
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_run_state(run_dir, **state):
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = os.path.join(run_dir, "run.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, "run.json"))
+
+
+def check_same_settings(run_dir, argv):
+    """Refuse to resume a run folder that was started with other settings."""
+    state = run_state(run_dir)
+    if state and state.get("argv") != argv:
+        raise ExperimentError(
+            f"{run_dir} holds a run started with other settings:\n  was: {shlex.join(state['argv'])}\n"
+            f"  now: {shlex.join(argv)}\nUse another --output, or delete that folder to redo the run."
+        )
+
+
+def last_iteration(run_dir):
+    records = [r for r in read_metrics(os.path.join(run_dir, "metrics.json")) if "iteration" in r]
+    return records[-1]["iteration"] + 1 if records else 0
+
+
+class Run:
+    """One arm and seed, trained by tools/train_net.py in a subprocess (resumable)."""
+
+    def __init__(self, arm, seed, run_dir, argv, max_iter):
+        self.arm, self.seed, self.run_dir, self.argv, self.max_iter = arm, seed, run_dir, argv, max_iter
+        self.process = None
+        self.started = None
+        self.previous_wall = run_state(run_dir).get("wall_time_s", 0.0)
+
+    @property
+    def done(self):
+        return run_state(self.run_dir).get("status") == "done" and os.path.isfile(
+            os.path.join(self.run_dir, "eval_results.json")
+        )
+
+    def start(self, env):
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.log = open(os.path.join(self.run_dir, "train_net.out"), "a")
+        command = [sys.executable, os.path.join(TOOLS, "train_net.py"), "--resume"] + self.argv
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.started = time.time()
+        self.save("running")
+
+    def save(self, status):
+        wall = self.previous_wall + (time.time() - self.started if self.started else 0.0)
+        write_run_state(self.run_dir, status=status, argv=self.argv, wall_time_s=wall,
+                        arm=self.arm, seed=self.seed)
+
+    def poll(self):
+        """None while running, else the exit code (recorded in run.json)."""
+        code = self.process.poll()
+        if code is None:
+            self.save("running")
+            return None
+        self.log.close()
+        self.save("done" if code == 0 else f"failed (exit {code})")
+        return code
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
+            self.save("interrupted")
+
+    def tail(self, lines=20):
+        with open(os.path.join(self.run_dir, "train_net.out")) as f:
+            return "".join(f.readlines()[-lines:])
+
+
+def child_environment(args, parallel):
+    """Split the CPU cores among the concurrent runs, unless the user chose OMP_NUM_THREADS."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [REPO, env.get("PYTHONPATH")] if p)
+    return env
+
+
+def train_all(runs, parallel, env):
+    """Run every unfinished run, ``parallel`` at a time, with progress bars; return the failures."""
+    todo = [r for r in runs if not r.done]
+    for r in runs:
+        if r.done:
+            print(f"[{r.arm} seed {r.seed}] finished earlier: skipped")
+    overall = tqdm(total=sum(r.max_iter for r in runs), desc="all runs", position=0, unit="it", dynamic_ncols=True)
+    overall.update(sum(r.max_iter if r.done else last_iteration(r.run_dir) for r in runs))
+    active, bars, failures = [], {}, []
+    try:
+        while todo or active:
+            while todo and len(active) < parallel:
+                r = todo.pop(0)
+                r.start(env)
+                bars[r] = tqdm(total=r.max_iter, initial=last_iteration(r.run_dir), position=len(active) + 1,
+                               desc=f"{r.arm} seed {r.seed}", unit="it", leave=False, dynamic_ncols=True)
+                active.append(r)
+            time.sleep(POLL_SECONDS)
+            for r in list(active):
+                progress = min(last_iteration(r.run_dir), r.max_iter)
+                overall.update(progress - bars[r].n)
+                bars[r].update(progress - bars[r].n)
+                code = r.poll()
+                if code is not None:
+                    active.remove(r)
+                    bars.pop(r).close()
+                    if code != 0:
+                        failures.append(r)
+                        tqdm.write(f"[{r.arm} seed {r.seed}] failed (exit {code}); last lines of "
+                                   f"{r.run_dir}/train_net.out:\n{r.tail()}")
+    except KeyboardInterrupt:
+        for r in active:
+            r.stop()
+        raise ExperimentError("interrupted: re-run the same command to resume from the last checkpoints")
+    finally:
+        overall.close()
+    return failures
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        output, planned, experiment = plan_runs(args)
+        for run_dir, run_argv in planned.values():
+            check_same_settings(run_dir, run_argv)
+        os.makedirs(output, exist_ok=True)
+        runs = [Run(arm, seed, d, a, experiment["max_iter"]) for (arm, seed), (d, a) in planned.items()]
+        if not args.report_only:
+            failures = train_all(runs, max(1, args.parallel), child_environment(args, max(1, args.parallel)))
+            if failures:
+                raise ExperimentError(f"{len(failures)} run(s) failed; fix the cause and re-run to resume")
+        unfinished = [f"{r.arm} seed {r.seed}" for r in runs if not r.done]
+        if unfinished:
+            raise ExperimentError(f"no results yet for: {', '.join(unfinished)}")
+        run_dirs = {}
+        for r in runs:
+            run_dirs.setdefault(r.arm, {})[r.seed] = r.run_dir
+        _, table, plots = write_report(experiment, run_dirs, output)
+    except (ExperimentError, UnknownArmError, SyntheticDatasetError, *USER_ERRORS) as e:
+        sys.exit(f"error: {e.args[0] if e.args else e}")
+    print(table)
+    print(f"Results: {os.path.join(output, 'results.json')}, {os.path.join(output, 'results.md')}")
+    print("Plots: " + ", ".join(plots))
+    return output
+
+
+if __name__ == "__main__":
+    main()
