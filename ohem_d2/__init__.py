@@ -1,9 +1,14 @@
 """Online Hard Example Mining (Shrivastava, Gupta, Girshick, CVPR 2016) for Detectron2.
 
 ``import ohem_d2`` registers the OHEM ROI heads; ``add_ohem_config(cfg)`` adds ``MODEL.OHEM``.
+Selection strategies and hardness definitions are registered by name in
+``OHEM_SELECTION_REGISTRY`` and ``OHEM_HARDNESS_REGISTRY`` (docs/STRATEGIES.md).
 """
+from .cascade import FastRCNNHeuristicsCascadeROIHeads, OHEMCascadeROIHeads
 from .config import OHEMConfigError, OHEMSettings, add_ohem_config, validate_ohem_config
+from .hardness import OHEM_HARDNESS_REGISTRY, HardnessInputs
 from .roi_heads import OHEMMixin, OHEMRes5ROIHeads, OHEMROIHeads
+from .selection import OHEM_SELECTION_REGISTRY, SelectionInputs
 
 __all__ = [
     "add_ohem_config",
@@ -13,4 +18,10 @@ __all__ = [
     "OHEMMixin",
     "OHEMROIHeads",
     "OHEMRes5ROIHeads",
+    "OHEMCascadeROIHeads",
+    "FastRCNNHeuristicsCascadeROIHeads",
+    "OHEM_SELECTION_REGISTRY",
+    "OHEM_HARDNESS_REGISTRY",
+    "SelectionInputs",
+    "HardnessInputs",
 ]

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from detectron2.config import CfgNode as CN
 
+from .hardness import OHEM_HARDNESS_REGISTRY, registered_hardness
+from .selection import OHEM_SELECTION_REGISTRY, registered_strategies
+
 MODES = ("two_pass", "loss_zeroing")
 LOSSES = ("cls_box", "cls")
 READONLY_DTYPES = ("float32", "bfloat16", "float16")
@@ -39,6 +42,19 @@ def add_ohem_config(cfg):
     cfg.MODEL.OHEM.READONLY_DTYPE = "float32"
     # Record mining statistics in the EventStorage (metrics.json, TensorBoard) every iteration.
     cfg.MODEL.OHEM.LOG_DIAGNOSTICS = True
+    # How the hard RoIs are chosen after the NMS, a name in ohem_d2.OHEM_SELECTION_REGISTRY:
+    # "per_image" (paper: the B/N hardest of each image), "per_batch" (the N * B/N hardest of the
+    # batch), "stratified" (per image, foreground / background quotas filled by hardness), or one
+    # you registered. See docs/STRATEGIES.md.
+    cfg.MODEL.OHEM.SELECTION = "per_image"
+    # What "hard" means, a name in ohem_d2.OHEM_HARDNESS_REGISTRY: "loss" (paper: the per-RoI loss
+    # per MODEL.OHEM.LOSS) or "probability" (1 - p(true class)), or one you registered.
+    cfg.MODEL.OHEM.HARDNESS = "loss"
+    # "stratified" only: the foreground share of each image's budget (as POSITIVE_FRACTION).
+    cfg.MODEL.OHEM.FG_FRACTION = 0.25
+    # Hard positives: each image keeps at least its floor(MIN_FG_FRACTION * B/N) hardest foreground
+    # RoIs (all of them if it has fewer), the rest of the budget by hardness. 0.0: off.
+    cfg.MODEL.OHEM.MIN_FG_FRACTION = 0.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,10 @@ class OHEMSettings:
     readonly_chunk_size: int
     readonly_dtype: str
     log_diagnostics: bool
+    selection: str = "per_image"
+    hardness: str = "loss"
+    fg_fraction: float = 0.25
+    min_fg_fraction: float = 0.0
 
     @classmethod
     def from_config(cls, cfg):
@@ -70,6 +90,10 @@ class OHEMSettings:
             readonly_chunk_size=o.READONLY_CHUNK_SIZE,
             readonly_dtype=o.READONLY_DTYPE,
             log_diagnostics=bool(o.LOG_DIAGNOSTICS),
+            selection=o.SELECTION,
+            hardness=o.HARDNESS,
+            fg_fraction=float(o.FG_FRACTION),
+            min_fg_fraction=float(o.MIN_FG_FRACTION),
         )
 
 
@@ -80,6 +104,10 @@ def _check(ok, key, value, expected):
 
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_fraction(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
 
 
 def validate_ohem_config(cfg):
@@ -104,6 +132,20 @@ def validate_ohem_config(cfg):
            f"one of {READONLY_DTYPES}")
     _check(isinstance(o.LOG_DIAGNOSTICS, bool), "MODEL.OHEM.LOG_DIAGNOSTICS", o.LOG_DIAGNOSTICS,
            "True or False")
+    _check(isinstance(o.SELECTION, str) and o.SELECTION in OHEM_SELECTION_REGISTRY,
+           "MODEL.OHEM.SELECTION", o.SELECTION,
+           f"one of the registered selection strategies {registered_strategies()} (add your own "
+           "with @ohem_d2.OHEM_SELECTION_REGISTRY.register() before building the model)")
+    _check(isinstance(o.HARDNESS, str) and o.HARDNESS in OHEM_HARDNESS_REGISTRY,
+           "MODEL.OHEM.HARDNESS", o.HARDNESS,
+           f"one of the registered hardness definitions {registered_hardness()} (add your own "
+           "with @ohem_d2.OHEM_HARDNESS_REGISTRY.register() before building the model)")
+    _check(_is_fraction(o.FG_FRACTION), "MODEL.OHEM.FG_FRACTION", o.FG_FRACTION,
+           "a fraction in [0, 1] (the foreground share of each image's budget under "
+           "SELECTION \"stratified\")")
+    _check(_is_fraction(o.MIN_FG_FRACTION), "MODEL.OHEM.MIN_FG_FRACTION", o.MIN_FG_FRACTION,
+           "a fraction in [0, 1] (the share of each image's budget reserved for its hardest "
+           "foreground RoIs; 0.0 turns it off)")
     _check(not cfg.MODEL.ROI_BOX_HEAD.get("USE_FED_LOSS", False), "MODEL.ROI_BOX_HEAD.USE_FED_LOSS",
            True, "False with OHEM (the federated loss samples classes per batch, so it has no per-RoI "
            "loss to rank by)")

@@ -6,9 +6,11 @@ and ``OHEMRes5ROIHeads`` (C4) replace Detectron2's RoI sampler during training:
 * every proposal is labelled (GT boxes appended as usual) and none is sampled
   away: no ``bg_lo``, no fg:bg ratio;
 * ``two_pass`` mode: a read-only forward of the box head (no autograd graph,
-  chunked over RoIs) gives each RoI its loss; :mod:`ohem_d2.selection` keeps the
-  hardest; the stock trainable forward and backward then run on those alone,
-  so the backward pass costs what the baseline's does;
+  chunked over RoIs) gives each RoI its loss, or another hardness
+  (:mod:`ohem_d2.hardness`, ``MODEL.OHEM.HARDNESS``); the selection strategy of
+  :mod:`ohem_d2.selection` (``MODEL.OHEM.SELECTION``) keeps the hardest; the stock
+  trainable forward and backward then run on those alone, so the backward pass
+  costs what the baseline's does;
 * ``loss_zeroing`` mode: one trainable forward on all RoIs whose losses outside
   the hard set are zeroed, the costly alternative the paper argues against.
 
@@ -16,6 +18,7 @@ At inference both heads are exactly their stock parents: same parameters, same
 outputs, checkpoints interchangeable.
 """
 import contextlib
+import logging
 
 import torch
 
@@ -30,8 +33,11 @@ from detectron2.modeling.roi_heads import (
 
 from .config import OHEMSettings
 from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats
+from .hardness import OHEM_HARDNESS_REGISTRY, HardnessInputs
 from .roi_loss import per_roi_losses
-from .selection import select_per_image
+from .selection import OHEM_SELECTION_REGISTRY, SelectionInputs
+
+logger = logging.getLogger(__name__)
 
 
 class OHEMMixin:
@@ -46,6 +52,7 @@ class OHEMMixin:
     def __init__(self, *, ohem: OHEMSettings, **kwargs):
         super().__init__(**kwargs)
         self.ohem = ohem
+        logger.info(f"{type(self).__name__}: {ohem}")
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -67,16 +74,20 @@ class OHEMMixin:
         keep = nonzero_tuple(gt_classes != -1)[0]
         return keep, gt_classes[keep]
 
-    def _readonly_predictions(self, features, proposals):
-        """Box-predictor outputs for every RoI, without autograd, in chunks of RoIs of one image."""
+    def _readonly_predictions(self, features, proposals, predict=None):
+        """Box-predictor outputs for every RoI, without autograd, in chunks of RoIs of one image.
+
+        ``predict(features, boxes)`` defaults to ``self._box_predictions``.
+        """
+        predict = predict or self._box_predictions
         chunk = self.ohem.readonly_chunk_size
         if chunk == 0:
-            return self._box_predictions(features, [p.proposal_boxes for p in proposals])
+            return predict(features, [p.proposal_boxes for p in proposals])
         parts = []
         for i, p in enumerate(proposals):
             image_features = [f[i : i + 1] for f in features]
             for start in range(0, len(p), chunk):
-                parts.append(self._box_predictions(image_features, [p.proposal_boxes[start : start + chunk]]))
+                parts.append(predict(image_features, [p.proposal_boxes[start : start + chunk]]))
         return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
     def _readonly_precision(self, device_type):
@@ -85,33 +96,64 @@ class OHEMMixin:
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=getattr(torch, self.ohem.readonly_dtype))
 
-    def _hardness(self, cls_loss, box_loss):
-        return cls_loss + box_loss if self.ohem.loss == "cls_box" else cls_loss
+    def _hardness(self, box_predictor, predictions, proposals, cls_loss, box_loss):
+        """(R,) fp32 hardness of every RoI by the registered ``MODEL.OHEM.HARDNESS`` function,
+        computed without autograd or autocast."""
+        device_type = cls_loss.device.type
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            inputs = HardnessInputs(
+                box_predictor=box_predictor,
+                predictions=tuple(x.detach() for x in predictions),
+                proposals=proposals,
+                gt_classes=torch.cat([p.gt_classes for p in proposals]),
+                cls_loss=cls_loss.detach(),
+                box_loss=box_loss.detach(),
+                loss=self.ohem.loss,
+            )
+            return OHEM_HARDNESS_REGISTRY.get(self.ohem.hardness)(inputs).float()
+
+    def _readonly_pass(self, features, proposals, predict=None, box_predictor=None):
+        """Read-only pass over every RoI: returns (box-predictor outputs, hardness (R,))."""
+        box_predictor = self.box_predictor if box_predictor is None else box_predictor
+        with torch.no_grad(), self._readonly_precision(proposals[0].proposal_boxes.device.type):
+            predictions = self._readonly_predictions(features, proposals, predict)
+            losses = per_roi_losses(box_predictor, predictions, proposals)
+        return predictions, self._hardness(box_predictor, predictions, proposals, *losses)
 
     def _mine(self, features, proposals):
         """The read-only pass and the selection: returns the mined proposals, one Instances per image."""
-        with torch.no_grad(), self._readonly_precision(proposals[0].proposal_boxes.device.type):
-            predictions = self._readonly_predictions(features, proposals)
-            hardness = self._hardness(*per_roi_losses(self.box_predictor, predictions, proposals))
+        _, hardness = self._readonly_pass(features, proposals)
         return self._select(hardness, proposals)[1]
 
     def _select(self, hardness, proposals):
-        """Select the hard RoIs by ``hardness`` (R,); returns (flat indices, mined proposals)."""
+        """Select the hard RoIs by ``hardness`` (R,) with the registered ``MODEL.OHEM.SELECTION``
+        strategy; returns (flat indices grouped by image, mined proposals)."""
         num_images = len(proposals)
         lengths = torch.tensor([len(p) for p in proposals], device=hardness.device)
         image_ids = torch.repeat_interleave(torch.arange(num_images, device=hardness.device), lengths)
         boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
-        selected, num_after_nms = select_per_image(
-            hardness, boxes, image_ids, num_images, self.ohem.batch_size_per_image, self.ohem.nms_thresh
+        gt_classes = torch.cat([p.gt_classes for p in proposals])
+        is_fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        inputs = SelectionInputs(
+            hardness=hardness,
+            boxes=boxes,
+            image_ids=image_ids,
+            is_fg=is_fg,
+            num_images=num_images,
+            batch_size_per_image=self.ohem.batch_size_per_image,
+            nms_thresh=self.ohem.nms_thresh,
+            fg_fraction=self.ohem.fg_fraction,
+            min_fg_fraction=self.ohem.min_fg_fraction,
         )
+        selected, num_after_nms = OHEM_SELECTION_REGISTRY.get(self.ohem.selection)(inputs)
+        # Group by image, keeping the strategy's order inside each (a no-op for the built-ins).
+        selected = selected[torch.sort(image_ids[selected], stable=True)[1]]
         per_image = torch.bincount(image_ids[selected], minlength=num_images).tolist()
         starts = torch.cumsum(lengths, 0) - lengths
         mined = [
             p[idx - start] for p, idx, start in zip(proposals, selected.split(per_image), starts)
         ]
         if self.ohem.log_diagnostics:
-            gt_classes = torch.cat([p.gt_classes for p in proposals])
-            is_fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
             record_mining_stats(
                 mining_stats(hardness, is_fg, max_iou_with_gt(proposals), selected, num_images, num_after_nms)
             )
@@ -124,8 +166,13 @@ class OHEMMixin:
         the same loss and gradients for the same selection.
         """
         predictions = self._box_predictions(features, [p.proposal_boxes for p in proposals])
-        cls_loss, box_loss = per_roi_losses(self.box_predictor, predictions, proposals)
-        selected, mined = self._select(self._hardness(cls_loss, box_loss).detach(), proposals)
+        return self._loss_zeroing_losses(predictions, proposals, self.box_predictor)
+
+    def _loss_zeroing_losses(self, predictions, proposals, box_predictor):
+        """The losses of :meth:`_loss_zeroing_box_losses` from trainable ``predictions`` of all RoIs."""
+        cls_loss, box_loss = per_roi_losses(box_predictor, predictions, proposals)
+        selected, mined = self._select(self._hardness(box_predictor, predictions, proposals, cls_loss, box_loss),
+                                       proposals)
         keep = torch.zeros_like(cls_loss)
         keep[selected] = 1.0
         num_mined = max(len(selected), 1)

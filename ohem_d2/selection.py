@@ -1,19 +1,67 @@
-"""Which RoIs are hard: the selection step of OHEM (Shrivastava et al., 2016, Sec. 4.1).
+"""Which RoIs are hard: the selection step of OHEM (Shrivastava et al., 2016, Sec. 4.1), and
+registered alternatives to it.
 
 The paper, in three steps, on the RoIs of a mini-batch of N images:
 
 1. every RoI gets a hardness, its loss under the current network (computed by
-   :mod:`ohem_d2.roi_loss` in a read-only pass);
+   :mod:`ohem_d2.roi_loss` in a read-only pass; other definitions in :mod:`ohem_d2.hardness`);
 2. "co-located RoIs with high overlap are likely to have correlated losses",
    so a non-maximum suppression with the loss as score, IoU 0.7, removes
    near-duplicates (:func:`deduplicate`); it works on each image's RoIs apart;
 3. the B/N hardest remaining RoIs of each image are kept (:func:`select_per_image`).
 
-All inputs are flat over the batch (one row per RoI, ``image_ids`` saying whose)
-and everything stays on the device: no Python loop over images, no host sync.
+Step 3 is a *selection strategy*, chosen by ``MODEL.OHEM.SELECTION`` among the functions of
+:data:`OHEM_SELECTION_REGISTRY`:
+
+* ``per_image`` (default, the paper): the B/N hardest of each image;
+* ``per_batch``: the N * B/N hardest of the whole batch, wherever they are;
+* ``stratified`` (S-OHEM style): per image, a foreground quota (``MODEL.OHEM.FG_FRACTION`` of
+  B/N) and a background quota, each filled by hardness, one lending to the other when short.
+
+``MODEL.OHEM.MIN_FG_FRACTION`` (hard positives) is honoured by all three; see each docstring.
+
+A strategy is a function ``fn(inputs: SelectionInputs) -> (indices, num_after_nms)``:
+
+* ``indices``: int64 tensor of distinct flat RoI indices to train on, on the device (the head
+  regroups them by image itself, so any order is accepted; the built-in strategies return them
+  grouped by image, hardest first);
+* ``num_after_nms``: how many RoIs survived its de-duplication (``len(inputs.hardness)`` if it
+  does none); a Python int or a 0-dim tensor, only logged.
+
+Register your own with ``@OHEM_SELECTION_REGISTRY.register()`` (the function's ``__name__`` is
+its config name) and set ``MODEL.OHEM.SELECTION`` to that name.
+
+All inputs are flat over the batch (one row per RoI, ``image_ids`` saying whose) and everything
+stays on the device: no Python loop over images, no host sync.
 """
+import math
+from dataclasses import dataclass
+
 import torch
 from torchvision.ops import batched_nms
+
+from detectron2.utils.registry import Registry
+
+OHEM_SELECTION_REGISTRY = Registry("OHEM_SELECTION")
+OHEM_SELECTION_REGISTRY.__doc__ = """
+Selection strategies of OHEM, by name (``MODEL.OHEM.SELECTION``). Each is called as
+``fn(inputs: SelectionInputs) -> (indices, num_after_nms)``; see :mod:`ohem_d2.selection`.
+"""
+
+
+@dataclass(frozen=True)
+class SelectionInputs:
+    """What a selection strategy sees: flat per-RoI tensors over the batch, and the settings."""
+
+    hardness: torch.Tensor  # (R,) float: higher is harder (MODEL.OHEM.HARDNESS)
+    boxes: torch.Tensor  # (R, 4) XYXY RoI boxes, for the NMS
+    image_ids: torch.Tensor  # (R,) int64 in [0, num_images): the image of each RoI
+    is_fg: torch.Tensor  # (R,) bool: labelled with an object class (not background)
+    num_images: int  # N
+    batch_size_per_image: int  # B/N: MODEL.OHEM.BATCH_SIZE_PER_IMAGE (resolved)
+    nms_thresh: float  # MODEL.OHEM.NMS_THRESH (1.0: no NMS)
+    fg_fraction: float = 0.25  # MODEL.OHEM.FG_FRACTION (used by "stratified")
+    min_fg_fraction: float = 0.0  # MODEL.OHEM.MIN_FG_FRACTION (0: off)
 
 
 def deduplicate(boxes, hardness, image_ids, nms_thresh):
@@ -37,6 +85,23 @@ def group_by_image(order, image_ids, num_images):
     return order[perm], rank
 
 
+def rank_in_group(keys, num_groups):
+    """For a sequence already in hardness order with a group key each (int64 in
+    [0, num_groups)), the rank of every element inside its group (0 = hardest)."""
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=num_groups)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(keys)
+    rank[perm] = torch.arange(len(keys), device=keys.device) - first[sorted_keys]
+    return rank
+
+
+def quota(fraction, batch_size_per_image):
+    """RoIs per image a fraction of the budget stands for: floor(fraction * B/N), rounded as
+    Detectron2's sampler rounds ``POSITIVE_FRACTION`` (with a tolerance for 0.3 * 10 = 2.99...)."""
+    return int(math.floor(fraction * batch_size_per_image + 1e-6))
+
+
 def select_per_image(hardness, boxes, image_ids, num_images, batch_size_per_image, nms_thresh):
     """The paper's selection: the ``batch_size_per_image`` hardest RoIs of each image after NMS.
 
@@ -55,3 +120,87 @@ def select_per_image(hardness, boxes, image_ids, num_images, batch_size_per_imag
     order = deduplicate(boxes, hardness, image_ids, nms_thresh)
     grouped, rank = group_by_image(order, image_ids, num_images)
     return grouped[rank < batch_size_per_image], len(order)
+
+
+def _hardest_fg_reserve(order, inputs):
+    """Mask over ``order`` of the RoIs MIN_FG_FRACTION reserves: the floor(MIN_FG_FRACTION * B/N)
+    hardest foreground RoIs of each image (all of its foreground where it has fewer)."""
+    ids, fg = inputs.image_ids[order], inputs.is_fg[order]
+    rank = rank_in_group(ids * 2 + fg.long(), 2 * inputs.num_images)
+    return fg & (rank < quota(inputs.min_fg_fraction, inputs.batch_size_per_image))
+
+
+def _kept_grouped_by_image(order, keep, inputs):
+    """``order[keep]`` regrouped by image, hardest first inside each image."""
+    return group_by_image(order[keep], inputs.image_ids, inputs.num_images)[0]
+
+
+@OHEM_SELECTION_REGISTRY.register()
+def per_image(inputs: SelectionInputs):
+    """The paper (default): after the per-image NMS, the B/N hardest RoIs of each image.
+
+    With ``MIN_FG_FRACTION`` m > 0: each image first keeps its floor(m * B/N) hardest foreground
+    RoIs (all its foreground if it has fewer), then fills the rest of its B/N with the hardest of
+    its remaining RoIs, foreground or background. m = 0 is exactly :func:`select_per_image`.
+    """
+    if inputs.min_fg_fraction <= 0:
+        return select_per_image(inputs.hardness, inputs.boxes, inputs.image_ids, inputs.num_images,
+                                inputs.batch_size_per_image, inputs.nms_thresh)
+    order = deduplicate(inputs.boxes, inputs.hardness, inputs.image_ids, inputs.nms_thresh)
+    ids = inputs.image_ids[order]
+    reserved = _hardest_fg_reserve(order, inputs)
+    num_reserved = torch.bincount(ids[reserved], minlength=inputs.num_images)
+    # Rank of the other RoIs among the other RoIs of their image (group 2i; reserved ones are 2i+1).
+    rank = rank_in_group(ids * 2 + reserved.long(), 2 * inputs.num_images)
+    keep = reserved | (rank < inputs.batch_size_per_image - num_reserved[ids])
+    return _kept_grouped_by_image(order, keep, inputs), len(order)
+
+
+@OHEM_SELECTION_REGISTRY.register()
+def per_batch(inputs: SelectionInputs):
+    """After the per-image NMS, the N * B/N hardest RoIs of the whole batch, wherever they are:
+    an image full of hard RoIs gives more than B/N, an easy one fewer (maybe none).
+
+    With ``MIN_FG_FRACTION`` m > 0: each image first keeps its floor(m * B/N) hardest foreground
+    RoIs (all its foreground if it has fewer); the rest of the batch budget N * B/N goes to the
+    hardest remaining RoIs of the batch.
+    """
+    order = deduplicate(inputs.boxes, inputs.hardness, inputs.image_ids, inputs.nms_thresh)
+    budget = inputs.num_images * inputs.batch_size_per_image
+    if inputs.min_fg_fraction <= 0:
+        return _kept_grouped_by_image(order, slice(0, budget), inputs), len(order)
+    reserved = _hardest_fg_reserve(order, inputs)
+    rest = ~reserved
+    rank = torch.cumsum(rest.long(), 0) - 1  # rank of the unreserved RoIs among themselves
+    keep = reserved | (rest & (rank < budget - reserved.sum()))
+    return _kept_grouped_by_image(order, keep, inputs), len(order)
+
+
+@OHEM_SELECTION_REGISTRY.register()
+def stratified(inputs: SelectionInputs):
+    """S-OHEM style: per image after the NMS, the hardest foreground RoIs up to a foreground quota
+    and the hardest background RoIs up to the background quota.
+
+    Foreground quota: floor(max(FG_FRACTION, MIN_FG_FRACTION) * B/N); background quota: the rest
+    of B/N. An image with too few foreground RoIs fills its budget with more background, one with
+    too little background with more foreground: each image keeps min(B/N, its RoIs after NMS), as
+    ``per_image`` does. Ranking happens inside each stratum only, so a dataset with very few
+    positives still trains on them however easy the background is.
+    """
+    order = deduplicate(inputs.boxes, inputs.hardness, inputs.image_ids, inputs.nms_thresh)
+    n, b = inputs.num_images, inputs.batch_size_per_image
+    q_fg = quota(max(inputs.fg_fraction, inputs.min_fg_fraction), b)
+    q_bg = b - q_fg
+    key = inputs.image_ids[order] * 2 + inputs.is_fg[order].long()  # (image, bg 0 / fg 1)
+    rank = rank_in_group(key, 2 * n)
+    counts = torch.bincount(key, minlength=2 * n).view(n, 2)
+    num_bg, num_fg = counts[:, 0], counts[:, 1]
+    take_fg = torch.minimum(num_fg, q_fg + (q_bg - num_bg).clamp(min=0))
+    take_bg = torch.minimum(num_bg, q_bg + (q_fg - num_fg).clamp(min=0))
+    limit = torch.stack([take_bg, take_fg], dim=1).view(-1)
+    return _kept_grouped_by_image(order, rank < limit[key], inputs), len(order)
+
+
+def registered_strategies():
+    """The names ``MODEL.OHEM.SELECTION`` accepts now, sorted."""
+    return sorted(name for name, _ in OHEM_SELECTION_REGISTRY)

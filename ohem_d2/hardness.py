@@ -1,0 +1,81 @@
+"""How hard a RoI is: the score OHEM ranks RoIs by (``MODEL.OHEM.HARDNESS``).
+
+A hardness is a function ``fn(inputs: HardnessInputs) -> Tensor (R,)``, higher is harder,
+registered in :data:`OHEM_HARDNESS_REGISTRY` under its ``__name__``:
+
+* ``loss`` (default, the paper): the RoI's loss, ``MODEL.OHEM.LOSS`` saying which terms
+  (classification + box regression, or classification only), as :mod:`ohem_d2.roi_loss`
+  computes it with the predictor's own loss functions and weights;
+* ``probability``: 1 - p(true label), low confidence in the right answer (or, what is the same,
+  confidence in a wrong one). Softmax: 1 - softmax(scores)[gt_class], background included.
+  Sigmoid CE (``USE_SIGMOID_CE``, one independent Bernoulli per object class, no background
+  logit): p(true label) is the probability of the whole correct label vector,
+  sigmoid(s_c) * prod_{j != c} (1 - sigmoid(s_j)) for a RoI of class c and prod_j (1 - sigmoid(s_j))
+  for background (no class fires). Both are exp(-unweighted classification loss), so this hardness
+  ranks RoIs as ``LOSS: "cls"`` does; it differs in scale: bounded in [0, 1] (it saturates at 1
+  for RoIs with p(true) below ~6e-8 in fp32, which then tie), independent of the loss weights
+  and of the box term. ``MODEL.OHEM.LOSS`` does not apply to it.
+
+The functions run without autograd and autocast, on detached inputs; they must return a float
+tensor of shape (R,) on the device, without a host sync.
+"""
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from detectron2.utils.registry import Registry
+
+OHEM_HARDNESS_REGISTRY = Registry("OHEM_HARDNESS")
+OHEM_HARDNESS_REGISTRY.__doc__ = """
+Hardness definitions of OHEM, by name (``MODEL.OHEM.HARDNESS``). Each is called as
+``fn(inputs: HardnessInputs) -> Tensor (R,)``; see :mod:`ohem_d2.hardness`.
+"""
+
+
+@dataclass(frozen=True)
+class HardnessInputs:
+    """What a hardness function sees, for the R RoIs of a batch (flat, in proposal order)."""
+
+    box_predictor: torch.nn.Module  # the FastRCNNOutputLayers (of this stage, in a cascade)
+    predictions: Tuple[torch.Tensor, torch.Tensor]  # (scores (R, K+1), proposal deltas), detached
+    proposals: List  # the labelled Instances, one per image (proposal_boxes, gt_classes, gt_boxes)
+    gt_classes: torch.Tensor  # (R,) int64: class in [0, K), K = background
+    cls_loss: torch.Tensor  # (R,) per-RoI classification loss (fp32, predictor's loss weight)
+    box_loss: torch.Tensor  # (R,) per-RoI box regression loss (fp32, 0 for background)
+    loss: str  # MODEL.OHEM.LOSS: "cls_box" or "cls"
+
+
+@OHEM_HARDNESS_REGISTRY.register()
+def loss(inputs: HardnessInputs):
+    """The paper: the RoI's loss, classification + box regression (``LOSS: "cls_box"``) or
+    classification only (``LOSS: "cls"``)."""
+    if inputs.loss == "cls_box":
+        return inputs.cls_loss + inputs.box_loss
+    return inputs.cls_loss
+
+
+def log_prob_of_true_label(scores, gt_classes, use_sigmoid_ce):
+    """(R,) log p(true label): log-softmax at the GT class, or for sigmoid CE the log-probability
+    of the whole one-hot label vector (all-zero for background) under independent sigmoids."""
+    scores = scores.float()
+    if not use_sigmoid_ce:
+        return F.log_softmax(scores, dim=1).gather(1, gt_classes[:, None])[:, 0]
+    num_classes = scores.shape[1] - 1
+    logits = scores[:, :num_classes]  # the last column is unused by sigmoid CE
+    target = F.one_hot(gt_classes, num_classes + 1)[:, :num_classes].bool()
+    return torch.where(target, F.logsigmoid(logits), F.logsigmoid(-logits)).sum(dim=1)
+
+
+@OHEM_HARDNESS_REGISTRY.register()
+def probability(inputs: HardnessInputs):
+    """1 - p(true label) in [0, 1]: see the module docstring for the sigmoid-CE definition."""
+    log_p = log_prob_of_true_label(inputs.predictions[0], inputs.gt_classes,
+                                   inputs.box_predictor.use_sigmoid_ce)
+    return -torch.expm1(log_p)  # 1 - p, exact for easy RoIs (p near 1)
+
+
+def registered_hardness():
+    """The names ``MODEL.OHEM.HARDNESS`` accepts now, sorted."""
+    return sorted(name for name, _ in OHEM_HARDNESS_REGISTRY)
