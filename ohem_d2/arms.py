@@ -30,6 +30,14 @@ ARMS = OrderedDict(
                       _NO_BG_LO + ["MODEL.OHEM.LOSS", "cls"])),
         ("ohem_loss_zeroing", ("OHEM by zeroing the losses of easy RoIs (one pass)", "ohem",
                                _NO_BG_LO + ["MODEL.OHEM.MODE", "loss_zeroing"])),
+        ("ohem_per_batch", ("OHEM keeping the B hardest of the whole batch", "ohem",
+                            _NO_BG_LO + ["MODEL.OHEM.SELECTION", "per_batch"])),
+        ("ohem_stratified", ("OHEM with fg/bg quotas (S-OHEM style, 25% fg)", "ohem",
+                             _NO_BG_LO + ["MODEL.OHEM.SELECTION", "stratified"])),
+        ("ohem_probability", ("OHEM ranked by 1 - p(true class)", "ohem",
+                              _NO_BG_LO + ["MODEL.OHEM.HARDNESS", "probability"])),
+        ("ohem_hard_positive", ("OHEM with the hardest fg guaranteed 25% of the batch", "ohem",
+                                _NO_BG_LO + ["MODEL.OHEM.MIN_FG_FRACTION", 0.25])),
     ]
 )
 DEFAULT_ARMS = ("stock", "fast_rcnn_heuristics", "ohem")

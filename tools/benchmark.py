@@ -44,8 +44,10 @@ Suites:
                 (max 1333), 2 images/batch, fp32 / AMP (fp16) / fp32 with a bf16
                 read-only pass; 10 warmup and 30 timed iterations per arm.
                 Needs CUDA.
-  --suite cpu   a smoke-size run for machines without a GPU: ResNet-18, 128 px,
-                few proposals and RoIs; fp32 and fp32 + bf16 read-only pass.
+  --suite cpu   a smoke-size run for machines without a GPU (about 30 s on 2 cores):
+                ResNet-18, 128 px, 64 proposals and 16 RoIs per image, one CPU
+                thread; fp32 on both heads, fp32 + bf16 read-only pass on FPN.
+                Its ratios say little about a GPU; it checks that every arm runs.
 
 Example:
   python tools/benchmark.py --suite gpu --out results/benchmark_gpu
@@ -54,6 +56,7 @@ Example:
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -70,6 +73,9 @@ from pathlib import Path
 # bury the table; the measurement does not depend on it.
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*torch.cuda.amp.*")
+warnings.filterwarnings("ignore", message="torch.meshgrid")
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+logging.getLogger("detectron2.data.datasets.coco").setLevel(logging.ERROR)  # "category ids ... mapping"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # running from a checkout without `pip install -e .`
@@ -126,7 +132,7 @@ PRECISIONS = {
 
 SUITES = {
     "gpu": dict(
-        device="cuda", warmup=10, iters=30, block=5,
+        device="cuda", warmup=10, iters=30, block=5, threads=None,
         heads=["fpn", "c4"], precisions=["fp32", "amp", "fp32_bf16ro"],
         overrides=[
             "MODEL.WEIGHTS", "",
@@ -136,18 +142,26 @@ SUITES = {
         ],
     ),
     "cpu": dict(
-        device="cpu", warmup=1, iters=3, block=1,
+        # One intra-op thread: on a small shared machine, OpenMP threads spinning at barriers while
+        # other processes hold the cores made steps 10x slower and erratic with 2 threads.
+        device="cpu", warmup=1, iters=3, block=1, threads=1,
         heads=["fpn", "c4"], precisions=["fp32", "fp32_bf16ro"],
+        # bf16 convolutions on a CPU without bf16 units are ~10x slower than fp32: C4's res5
+        # read-only pass in bf16 would dominate the run, so it runs only when asked for.
+        skip_by_default=[("c4", "fp32_bf16ro")],
         overrides=[
             "MODEL.WEIGHTS", "",
             "MODEL.RESNETS.DEPTH", 18,
             "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+            "MODEL.RESNETS.WIDTH_PER_GROUP", 16,  # C4's res5 head: 128 bottleneck channels
+            "MODEL.FPN.OUT_CHANNELS", 64,
+            "MODEL.ROI_BOX_HEAD.FC_DIM", 256,
             "SOLVER.IMS_PER_BATCH", 2,
             "INPUT.MIN_SIZE_TRAIN", (128,),
-            "INPUT.MAX_SIZE_TRAIN", 224,
+            "INPUT.MAX_SIZE_TRAIN", 192,
             "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 256,
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN", 128,
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64,
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
         ],
     ),
 }
@@ -168,7 +182,8 @@ def log(msg):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="benchmark.py",
-        description=__doc__.split("\n\n")[0] + " See the module docstring (top of the file) for the method.",
+        description="\n\n".join(__doc__.split("\n\n")[:2])
+        + "\n\nThe method (timing, weights, memory) is described at the top of tools/benchmark.py.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "arms: " + ", ".join(ARMS) + "; heads: " + ", ".join(HEADS) + "; precisions: "
@@ -192,6 +207,8 @@ def parse_args(argv):
     parser.add_argument("--block", type=int,
                         help="iterations an arm runs before the next arm's turn (default: suite's)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: suite's)")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op CPU threads (default: 1 for --suite cpu, torch's default for gpu)")
     parser.add_argument("--images", default=str(DEFAULT_IMAGES),
                         help="folder of COCO-style training images (default: %(default)s)")
     parser.add_argument("--annotations",
@@ -227,10 +244,14 @@ class Plan:
     overrides: list
     seed: int
     out: object
+    threads: object = None
 
 
 def make_plan(args):
     suite = SUITES[args.suite]
+    if len(args.opts) % 2:
+        raise BenchmarkError(f"config overrides must be KEY VALUE pairs, got {len(args.opts)} items: "
+                             f"{' '.join(args.opts)}")
     arms = _pick(args.arms, ARMS, "arm") if args.arms is not None else list(ARMS)
     heads = _pick(args.heads, HEADS, "head") if args.heads is not None else list(suite["heads"])
     precisions = (_pick(args.precisions, PRECISIONS, "precision") if args.precisions is not None
@@ -238,8 +259,9 @@ def make_plan(args):
     warmup = suite["warmup"] if args.warmup is None else args.warmup
     iters = suite["iters"] if args.iters is None else args.iters
     block = suite["block"] if args.block is None else args.block
-    if iters < 1 or warmup < 0 or block < 1:
-        raise BenchmarkError("--iters and --block must be >= 1 and --warmup >= 0")
+    threads = suite["threads"] if args.threads is None else args.threads
+    if iters < 1 or warmup < 0 or block < 1 or (threads is not None and threads < 1):
+        raise BenchmarkError("--iters, --block and --threads must be >= 1 and --warmup >= 0")
 
     device = args.device or suite["device"]
     if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -262,9 +284,12 @@ def make_plan(args):
                 "on the CPU use --precisions fp32,fp32_bf16ro"
             )
 
+    skip = set() if args.precisions is not None else set(suite.get("skip_by_default", ()))
     combos = []
     for head in heads:
         for prec in precisions:
+            if (head, prec) in skip:
+                continue
             p = PRECISIONS[prec]
             for arm in arms:
                 if arm == "stock" and p.reference:  # the baseline of fp32_bf16ro is stock fp32
@@ -285,12 +310,18 @@ def make_plan(args):
                    else images.parent / "annotations" / f"instances_{images.name}.json")
     if not annotations.is_file():
         raise BenchmarkError(f"annotations file not found: {annotations} (give one with --annotations FILE)")
-    if len(args.opts) % 2:
-        raise BenchmarkError(f"config overrides must be KEY VALUE pairs, got {len(args.opts)} items: "
-                             f"{' '.join(args.opts)}")
+    out = Path(args.out) if args.out else None
+    if out is not None:  # fail now, not after the measurement
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".benchmark_write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise BenchmarkError(f"cannot write to --out {out}: {e.strerror or e}") from None
     overrides = list(suite["overrides"]) + list(args.opts)
     return Plan(args.suite, device, warmup, iters, block, combos, images, annotations, overrides,
-                args.seed, Path(args.out) if args.out else None)
+                args.seed, out, threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +355,12 @@ def build_cfg(plan, head, prec, arm):
         except ohem_d2.OHEMConfigError as e:
             raise BenchmarkError(str(e)) from None
     cfg.freeze()
-    return cfg, path, [v if isinstance(v, (str, int, float, bool)) else list(v) for v in applied]
+    return cfg, path, _pairs(applied)
+
+
+def _pairs(flat):
+    """[k1, v1, k2, v2, ...] -> [[k1, v1], ...], values made JSON-friendly."""
+    return [[k, v if isinstance(v, (str, int, float, bool)) else list(v)] for k, v in zip(flat[::2], flat[1::2])]
 
 
 def head_name(cfg, head):
@@ -409,6 +445,8 @@ class Arm:
     step: int = 0
     warmup_times: list = field(default_factory=list)
     times: list = field(default_factory=list)
+    cpu_times: list = field(default_factory=list)  # process CPU time of each timed iteration
+    grad_scales: list = field(default_factory=list)  # AMP: GradScaler scale after each timed iteration
     batch_ids: list = field(default_factory=list)
     peak_bytes: int = 0
     peak_detail: dict = field(default_factory=dict)
@@ -458,7 +496,11 @@ def build_arms(plan):
         torch.manual_seed(plan.seed)
         ref = build_model(a.cfg)
         if a.cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(ref).load(a.cfg.MODEL.WEIGHTS)
+            try:
+                DetectionCheckpointer(ref).load(a.cfg.MODEL.WEIGHTS)
+            except Exception as e:  # missing file, no network for a URL, wrong format
+                raise BenchmarkError(f"cannot load MODEL.WEIGHTS {a.cfg.MODEL.WEIGHTS}: {e}".replace("\n", " ")) \
+                    from None
             n = 0
         else:
             n = calibrate_frozen_bn(ref, batches[0])
@@ -477,7 +519,7 @@ def build_arms(plan):
             a.trainer = AMPTrainer(model, Cycle(batches), optimizer, precision=amp_dtype)
         else:
             a.trainer = SimpleTrainer(model, Cycle(batches), optimizer)
-        a.storage = EventStorage(0)
+        a.storage = a.trainer.storage = EventStorage(0)
     if plan.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = bool(arms[0].cfg.CUDNN_BENCHMARK)
     return arms, batches, sizes
@@ -494,13 +536,16 @@ def run_iterations(arm, n, timed, cuda):
             arm.trainer.iter = arm.storage.iter = arm.step
             if cuda:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             arm.trainer.run_step()
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             if timed:
+                arm.cpu_times.append(time.process_time() - c0)
                 arm.batch_ids.append(arm.step % len(arm.trainer.data_loader.batches))
+                if hasattr(arm.trainer, "grad_scaler"):  # a drop means a skipped (inf/nan) step
+                    arm.grad_scales.append(arm.trainer.grad_scaler.get_scale())
             arm.step += 1
 
 
@@ -528,7 +573,7 @@ def run_block(arm, n, timed, cuda):
 
 def measure(plan, arms):
     cuda = plan.device.startswith("cuda")
-    if cuda:
+    if cuda and ":" in plan.device:
         torch.cuda.set_device(torch.device(plan.device))
     if plan.warmup:
         log(f"warmup: {plan.warmup} iteration(s) per arm, {len(arms)} arms")
@@ -632,10 +677,11 @@ def notes(plan, env, n_batches):
            "subtracted (see tools/benchmark.py)" if plan.device.startswith("cuda")
            else "peak memory: n/a on CPU")
     return (
-        f"device: {env['device_name']}; torch {env['torch']}, detectron2 {env['detectron2']}\n"
-        f"{plan.iters} timed iterations per arm after {plan.warmup} warmup, blocks of {plan.block}, "
-        f"interleaved; {n_batches} distinct batches, the same for every arm; "
-        f"time vs stock: median over the stock arm's of the same head and training precision; {mem}"
+        f"device: {env['device_name']}; torch {env['torch']}, detectron2 {env['detectron2']}.\n"
+        f"{plan.iters} timed training iterations per arm after {plan.warmup} warmup, in blocks of "
+        f"{plan.block} interleaved across arms; {n_batches} distinct batches, the same for every arm. "
+        f"'vs stock': ratio to the stock sampler's arm of the same head and training precision "
+        f"(medians for time). {mem}."
     )
 
 
@@ -650,19 +696,22 @@ def write_outputs(plan, argv, arms, rows, schedule, env, sizes, table, note):
         "environment": env, "seed": plan.seed, "warmup": plan.warmup, "iters": plan.iters,
         "block": plan.block, "schedule": schedule,
         "images": str(plan.images), "annotations": str(plan.annotations), "batch_image_sizes": sizes,
-        "overrides": [v if isinstance(v, (str, int, float, bool)) else list(v) for v in plan.overrides],
+        "overrides": _pairs(plan.overrides),
         "rows": rows,
         "arms": [],
     }
     for a in arms:
         hist = a.storage.histories()
-        ohem = {k: statistics.mean(v for v, _ in hist[k].values()) for k in hist if k.startswith("ohem/")}
+        ohem = {k: statistics.mean(v for v, it in hist[k].values() if it >= plan.warmup)
+                for k in hist if k.startswith("ohem/")}
         raw["arms"].append({
             "key": a.key, "arm": a.arm, "head": head_name(a.cfg, a.head), "head_key": a.head,
             "precision": a.prec, "config_file": str(a.config_path.relative_to(REPO_ROOT)),
             "config_overrides": a.overrides, "roi_heads": a.cfg.MODEL.ROI_HEADS.NAME,
             "images_per_batch": a.cfg.SOLVER.IMS_PER_BATCH,
             "times_s": a.times, "warmup_times_s": a.warmup_times, "batch_ids": a.batch_ids,
+            "process_cpu_times_s": a.cpu_times,
+            "grad_scaler_scales": a.grad_scales or None,
             "peak_mem_bytes": a.peak_bytes if plan.device.startswith("cuda") else None,
             "peak_mem_detail": a.peak_detail or None,
             "ohem_stats_mean": ohem or None,
@@ -675,6 +724,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         plan = make_plan(args)
+        if plan.threads:
+            torch.set_num_threads(plan.threads)
         t0 = time.time()
         arms, batches, sizes = build_arms(plan)
         log(f"{len(arms)} arms built in {time.time() - t0:.1f} s: " + ", ".join(a.key for a in arms))

@@ -102,8 +102,11 @@ def build_config(args):
         cfg.merge_from_list(args.opts)
     except KeyError as e:  # yacs: "Non-existent config key: ..."
         raise KeyError(f"{e.args[0]} (in {args.config_file} or the command line)") from None
-    except AssertionError as e:  # yacs: odd number of KEY VALUE overrides
-        raise ValueError(f"bad command-line overrides {args.opts}: {e}") from None
+    except AssertionError:  # yacs: odd number of KEY VALUE overrides
+        flags = [o for o in args.opts if str(o).startswith("--")]
+        hint = f"; options such as {flags[0]} go before the overrides" if flags else ""
+        raise ValueError(f"the trailing config overrides must be KEY VALUE pairs, got {len(args.opts)} "
+                         f"words ending in {args.opts[-1]!r}{hint}") from None
     cfg.DATASETS.REGISTER_COCO += [list(entry) for entry in args.register_coco]
     cfg.DATASETS.REGISTER_VOC += [list(entry) for entry in args.register_voc]
     validate_ohem_config(cfg)

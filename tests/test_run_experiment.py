@@ -1,0 +1,95 @@
+"""The comparison runner end to end on a tiny schedule, its resume, and tools/visualize_mining.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIGS, REPO, require_coco128
+
+TINY_RUN = ["--synthetic", "num_train=8", "--synthetic", "num_val=4", "--synthetic", "image_size=64",
+            "SOLVER.MAX_ITER", "5", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
+            "SOLVER.STEPS", "()", "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+
+
+def run_tool(tool, *args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)], capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("experiment")
+    out = tmp / "exp"
+    done = run_tool("run_experiment.py", "--output", out, "--data-root", tmp / "data", "--parallel", 2, *TINY_RUN)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp, out, done
+
+
+def test_runner_writes_results_table_and_plots(experiment):
+    _, out, done = experiment
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["arms"]) == ["stock", "fast_rcnn_heuristics", "ohem"]
+    table = (out / "results.md").read_text()
+    assert table in done.stdout  # the table is printed as well
+    for arm, summary in results["arms"].items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {arm} |"))
+        assert f"| {summary['mean']['AP']:.1f} |" in row and f"{summary['mean']['s_per_iter']:.3f}" in row
+        assert summary["seeds"] == [0] and summary["mean"]["wall_time_s"] > 0
+    assert results["arms"]["ohem"]["mean"]["ohem/fg_fraction_mined"] is not None
+    assert results["arms"]["stock"]["mean"]["ohem/fg_fraction_mined"] is None
+    assert "Mining diagnostics" in table and "| ohem |" in table.split("Mining diagnostics")[1]
+    for plot in ("loss.png", "ap.png", "mining.png"):
+        assert (out / plot).stat().st_size > 1000
+    # All arms ran the same base config, seed and schedule; only the RoI choice differs.
+    argvs = [json.loads((out / arm / "seed_0" / "run.json").read_text())["argv"] for arm in results["arms"]]
+    def without_roi_choice(argv):
+        flags, opts = argv[: argv.index("SOLVER.MAX_ITER")], argv[argv.index("SOLVER.MAX_ITER"):]
+        pairs = [(k, v) for k, v in zip(opts[::2], opts[1::2])
+                 if not k.startswith("MODEL.ROI_HEADS.") and k != "OUTPUT_DIR"]
+        return flags, pairs
+
+    assert all(without_roi_choice(a) == without_roi_choice(argvs[0]) for a in argvs)
+
+
+def test_rerun_skips_finished_arms_and_refuses_other_settings(experiment):
+    tmp, out, _ = experiment
+    before = (out / "ohem" / "seed_0" / "model_final.pth").stat().st_mtime
+    again = run_tool("run_experiment.py", "--output", out, "--data-root", tmp / "data", *TINY_RUN)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier: skipped") == 3
+    assert (out / "ohem" / "seed_0" / "model_final.pth").stat().st_mtime == before
+    changed = run_tool("run_experiment.py", "--output", out, "--data-root", tmp / "data", *TINY_RUN,
+                       "SOLVER.BASE_LR", "0.001")
+    assert changed.returncode != 0
+    assert "holds a run started with other settings" in changed.stderr and "Traceback" not in changed.stderr
+
+
+def test_runner_unknown_arm_is_one_line(tmp_path):
+    done = run_tool("run_experiment.py", "--output", tmp_path, "--data-root", tmp_path / "data",
+                    "--arms", "stock", "ohme", *TINY_RUN)
+    assert done.returncode != 0 and "unknown arm 'ohme'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_visualize_mining_draws_the_mined_rois(tmp_path):
+    root = require_coco128()
+    out = tmp_path / "vis"
+    done = run_tool(
+        "visualize_mining.py", "--config-file", CONFIGS / "COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem.yaml",
+        "--register-coco", "vis_train", root / "annotations/instances_train2017.json", root / "train2017",
+        "--num-images", 2, "--output", out, "DATASETS.TRAIN", "('vis_train',)", "MODEL.WEIGHTS", "",
+        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", 192, "MODEL.OHEM.BATCH_SIZE_PER_IMAGE", 16,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "mining.json").read_text())
+    assert len(summary) == 2
+    import cv2
+
+    for image in summary:
+        assert len(image["mined"]) == 16
+        hardness = [m["hardness"] for m in image["mined"]]
+        assert hardness == sorted(hardness, reverse=True)  # hardest first
+        png = cv2.imread(str(out / image["png"]))
+        assert list(png.shape[:2]) == image["size_drawn"]
