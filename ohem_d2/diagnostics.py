@@ -26,26 +26,26 @@ def max_iou_with_gt(proposals):
 
 
 def mining_stats(hardness, is_fg, iou_with_gt, selected, num_images, num_after_nms):
-    """The ``ohem/*`` scalars as one dict of 0-dim tensors (no host sync yet)."""
-    num_rois = hardness.new_tensor(float(len(hardness)))
+    """The ``ohem/*`` scalars: counts known on the host as floats, the rest as 0-dim device
+    tensors, so that nothing waits for the device before :func:`record_mining_stats`."""
+    num_rois, num_mined = len(hardness), len(selected)
     sel_fg = is_fg[selected].float()
     sel_bg = 1.0 - sel_fg
     below_bg_lo = (iou_with_gt[selected] < BG_LO).float() * sel_bg
-    num_sel = max(len(selected), 1)
     return {
         "ohem/candidates_per_image": num_rois / num_images,
         "ohem/nms_removed_per_image": (num_rois - num_after_nms) / num_images,
-        "ohem/mined_per_image": hardness.new_tensor(len(selected) / num_images),
-        "ohem/fg_fraction_mined": sel_fg.sum() / num_sel,
-        "ohem/fg_fraction_all": is_fg.float().mean() if len(is_fg) else num_rois * 0,
-        "ohem/loss_mined_mean": hardness[selected].sum() / num_sel,
-        "ohem/loss_all_mean": hardness.mean() if len(hardness) else num_rois * 0,
+        "ohem/mined_per_image": num_mined / num_images,
+        "ohem/fg_fraction_mined": sel_fg.sum() / max(num_mined, 1),
+        "ohem/fg_fraction_all": is_fg.float().sum() / max(num_rois, 1),
+        "ohem/loss_mined_mean": hardness[selected].sum() / max(num_mined, 1),
+        "ohem/loss_all_mean": hardness.sum() / max(num_rois, 1),
         "ohem/bg_below_bg_lo_share": below_bg_lo.sum() / sel_bg.sum().clamp(min=1.0),
     }
 
 
 def record_mining_stats(stats):
     """Put the scalars into the current EventStorage with a single device-to-host copy."""
-    names = list(stats)
-    values = torch.stack([stats[k].float() for k in names]).tolist()
-    get_event_storage().put_scalars(**dict(zip(names, values)))
+    on_device = [k for k, v in stats.items() if torch.is_tensor(v)]
+    values = dict(zip(on_device, torch.stack([stats[k].float() for k in on_device]).tolist()))
+    get_event_storage().put_scalars(**{k: values.get(k, v) for k, v in stats.items()})

@@ -71,6 +71,8 @@ class OHEMMixin:
             gt_classes[matched_labels == -1] = -1
         else:
             gt_classes = torch.full_like(matched_idxs, self.num_classes)
+        if -1 not in self.proposal_matcher.labels:  # nothing ignored: skip the nonzero's host sync
+            return torch.arange(len(gt_classes), device=gt_classes.device), gt_classes
         keep = nonzero_tuple(gt_classes != -1)[0]
         return keep, gt_classes[keep]
 
@@ -129,8 +131,11 @@ class OHEMMixin:
         """Select the hard RoIs by ``hardness`` (R,) with the registered ``MODEL.OHEM.SELECTION``
         strategy; returns (flat indices grouped by image, mined proposals)."""
         num_images = len(proposals)
-        lengths = torch.tensor([len(p) for p in proposals], device=hardness.device)
-        image_ids = torch.repeat_interleave(torch.arange(num_images, device=hardness.device), lengths)
+        lengths = [len(p) for p in proposals]
+        # Built from host-known sizes, without uploading them (an upload would wait for the device).
+        image_ids = torch.cat(
+            [torch.full((n,), i, dtype=torch.int64, device=hardness.device) for i, n in enumerate(lengths)]
+        )
         boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
         gt_classes = torch.cat([p.gt_classes for p in proposals])
         is_fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
@@ -149,7 +154,7 @@ class OHEMMixin:
         # Group by image, keeping the strategy's order inside each (a no-op for the built-ins).
         selected = selected[torch.sort(image_ids[selected], stable=True)[1]]
         per_image = torch.bincount(image_ids[selected], minlength=num_images).tolist()
-        starts = torch.cumsum(lengths, 0) - lengths
+        starts = [sum(lengths[:i]) for i in range(num_images)]
         mined = [
             p[idx - start] for p, idx, start in zip(proposals, selected.split(per_image), starts)
         ]
