@@ -11,17 +11,20 @@ STOCK_TO_OHEM_HEAD = {
     "Res5ROIHeads": "OHEMRes5ROIHeads",
     "CascadeROIHeads": "OHEMCascadeROIHeads",
 }
-OHEM_TO_STOCK_HEAD = {v: k for k, v in STOCK_TO_OHEM_HEAD.items()}
+# Stock CascadeROIHeads cannot ignore proposals below bg_lo; this stock-equivalent head can.
+STOCK_TO_HEURISTICS_HEAD = {"CascadeROIHeads": "FastRCNNHeuristicsCascadeROIHeads"}
+OHEM_TO_STOCK_HEAD = {v: k for k, v in {**STOCK_TO_OHEM_HEAD, **STOCK_TO_HEURISTICS_HEAD}.items()}
 
 # How RoIs are labelled: Detectron2's default (no bg_lo) and Fast R-CNN's (bg_lo = 0.1).
 _NO_BG_LO = ["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.5], "MODEL.ROI_HEADS.IOU_LABELS", [0, 1]]
 _BG_LO = ["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.1, 0.5], "MODEL.ROI_HEADS.IOU_LABELS", [-1, 0, 1]]
 _QUARTER_FG = ["MODEL.ROI_HEADS.POSITIVE_FRACTION", 0.25]
 
-# name -> (description, stock or OHEM head, overrides)
+# name -> (description, head kind: stock / heuristics / ohem, overrides)
 ARMS = OrderedDict(
     [
-        ("fast_rcnn_heuristics", ("Fast R-CNN sampler: bg_lo 0.1, 1:3 fg:bg", "stock", _BG_LO + _QUARTER_FG)),
+        ("fast_rcnn_heuristics", ("Fast R-CNN sampler: bg_lo 0.1, 1:3 fg:bg", "heuristics",
+                                  _BG_LO + _QUARTER_FG)),
         ("stock", ("Detectron2 sampler: bg_lo 0, 1:3 fg:bg (the paper's 'remove bg_lo')", "stock",
                    _NO_BG_LO + _QUARTER_FG)),
         ("ohem", ("OHEM as in the paper: all RoIs, loss cls+box, NMS 0.7", "ohem", _NO_BG_LO)),
@@ -62,7 +65,10 @@ def arm_overrides(arm, base_head):
             f"{', '.join(STOCK_TO_OHEM_HEAD)} (or their OHEM heads)"
         )
     _, kind, overrides = ARMS[arm]
-    head = STOCK_TO_OHEM_HEAD[stock_head] if kind == "ohem" else stock_head
+    head = {
+        "ohem": STOCK_TO_OHEM_HEAD[stock_head],
+        "heuristics": STOCK_TO_HEURISTICS_HEAD.get(stock_head, stock_head),
+    }.get(kind, stock_head)
     return ["MODEL.ROI_HEADS.NAME", head] + overrides
 
 

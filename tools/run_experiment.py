@@ -52,13 +52,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; every arm runs every seed")
     p.add_argument("--output", default=None, help="experiment folder (default: output/experiment_<config name>)")
     p.add_argument("--num-gpus", type=int, default=0, help="GPUs per run (0: MODEL.DEVICE of the config)")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="runs at once (e.g. several small arms sharing one GPU, or CPU cores)")
+    p.add_argument("--parallel", type=int, default=0,
+                   help="runs at once, e.g. several small arms sharing one GPU (default: 1 on a GPU; on the "
+                        "CPU one run per core, each with one thread, which is faster than threads per run)")
     p.add_argument("--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"))
     p.add_argument("--register-voc", nargs=4, action="append", default=[], metavar=("NAME", "DIR", "SPLIT", "CLASSES"))
     p.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
                    help="a generator setting of the embedded dataset (repeatable), e.g. "
-                        "--synthetic num_train=2000 --synthetic image_size=256")
+                        "--synthetic num_train=2000 --synthetic image_size=256; with --config-file it "
+                        "generates and registers synthetic_train/synthetic_val for that config too")
     p.add_argument("--data-root", default=os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "ohem_synthetic"),
                    help="where the embedded dataset is written")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
@@ -90,7 +92,7 @@ def plan_runs(args):
     config = os.path.abspath(args.config_file or DEFAULT_CONFIG)
     register_coco = [list(e) for e in args.register_coco]
     synthetic = None
-    if not args.config_file:
+    if not args.config_file or args.synthetic:  # the embedded dataset, at the requested settings
         entries, synthetic = synthetic_registration(args)
         register_coco += entries
     common = ["--config-file", config, "--num-gpus", str(max(args.num_gpus, 1))]
@@ -206,7 +208,13 @@ class Run:
             return "".join(f.readlines()[-lines:])
 
 
-def child_environment(args, parallel):
+def default_parallel(opts, num_runs):
+    """One run at a time on a GPU; on the CPU one single-threaded run per core."""
+    device = dict(zip(opts[::2], opts[1::2])).get("MODEL.DEVICE", "cuda")
+    return 1 if device != "cpu" else max(1, min(os.cpu_count() or 1, num_runs))
+
+
+def child_environment(parallel):
     """Split the CPU cores among the concurrent runs, unless the user chose OMP_NUM_THREADS."""
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
@@ -263,7 +271,8 @@ def main(argv=None):
         os.makedirs(output, exist_ok=True)
         runs = [Run(arm, seed, d, a, experiment["max_iter"]) for (arm, seed), (d, a) in planned.items()]
         if not args.report_only:
-            failures = train_all(runs, max(1, args.parallel), child_environment(args, max(1, args.parallel)))
+            parallel = args.parallel or default_parallel(experiment["opts"], len(runs))
+            failures = train_all(runs, parallel, child_environment(parallel))
             if failures:
                 raise ExperimentError(f"{len(failures)} run(s) failed; fix the cause and re-run to resume")
         unfinished = [f"{r.arm} seed {r.seed}" for r in runs if not r.done]

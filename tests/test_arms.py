@@ -1,0 +1,28 @@
+"""The runner's arms are exactly the configs' arms: same keys changed, to the same values."""
+import pytest
+
+from ohem_d2.arms import ARMS, UnknownArmError, arm_overrides
+
+from conftest import load_cfg
+from test_configs import OHEM_YAMLS, flatten
+
+SUFFIX = {"stock": "", "fast_rcnn_heuristics": "_fast_rcnn_heuristics", "ohem": "_ohem"}
+
+
+@pytest.mark.parametrize("ohem_config", OHEM_YAMLS)
+@pytest.mark.parametrize("arm", list(SUFFIX))
+def test_arm_overrides_on_the_stock_config_give_the_arm_config(ohem_config, arm):
+    stock = load_cfg(ohem_config.replace("_ohem", ""), tiny=False)
+    stock.merge_from_list(arm_overrides(arm, stock.MODEL.ROI_HEADS.NAME))
+    expected = flatten(load_cfg(ohem_config.replace("_ohem", SUFFIX[arm]), tiny=False))
+    assert flatten(stock) == expected
+
+
+def test_every_arm_builds_from_an_ohem_base_and_unknown_arms_are_refused():
+    for arm in ARMS:
+        assert arm_overrides(arm, "OHEMROIHeads")[:2] == ["MODEL.ROI_HEADS.NAME",
+                                                          "OHEMROIHeads" if arm.startswith("ohem") else "StandardROIHeads"]
+    with pytest.raises(UnknownArmError, match="unknown arm 'ohme'"):
+        arm_overrides("ohme", "StandardROIHeads")
+    with pytest.raises(UnknownArmError, match="no OHEM counterpart"):
+        arm_overrides("ohem", "RROIHeads")
