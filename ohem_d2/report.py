@@ -172,13 +172,17 @@ def plot(results, runs, out_dir):
 
     mining = {a: s for a, s in runs.items() if any(r["diagnostics"]["ohem/fg_fraction_mined"] for r in s.values())}
     if mining:
-        keys = list(DIAGNOSTICS)[:4]
+        keys = ["ohem/fg_fraction_mined", "ohem/bg_below_bg_lo_share", "ohem/nms_removed_per_image",
+                "ohem/loss_mined_mean"]
         fig, axes = plt.subplots(2, 2, figsize=(10, 7))
         for ax, key in zip(axes.flat, keys):
-            for arm, seeds in mining.items():
+            for colour, (arm, seeds) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], mining.items()):
                 its, values = _mean_curve([r["diagnostics"][key] for r in seeds.values()])
-                ax.plot(its, values, label=arm)
-            ax.set(xlabel="iteration", title=DIAGNOSTICS[key])
+                ax.plot(its, values, label=arm, color=colour)
+                if key == "ohem/loss_mined_mean":  # against the mean over all candidates, dashed
+                    its, values = _mean_curve([r["diagnostics"]["ohem/loss_all_mean"] for r in seeds.values()])
+                    ax.plot(its, values, linestyle="--", color=colour)
+            ax.set(xlabel="iteration", title=DIAGNOSTICS[key] + (" (dashed: all RoIs)" if key.endswith("mined_mean") else ""))
         axes.flat[0].legend()
         fig.suptitle("What the miner picks, over training")
         paths.append(_save(fig, out_dir, "mining.png"))
