@@ -19,7 +19,7 @@ import train_net  # noqa: E402
 STABLE = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN", "SOLVER.BASE_LR", 0.001,
           "SOLVER.WARMUP_ITERS", 0, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
           "MODEL.RPN.POST_NMS_TOPK_TRAIN", 100, "TEST.DETECTIONS_PER_IMAGE", 20]
-VOC_CLASSES = ["person", "car", "dog"]
+VOC_CLASSES = ["person", "car"]
 
 
 def opts(*extra):
@@ -140,7 +140,7 @@ def test_voc_layout_dataset_with_its_own_classes(tmp_path):
     train_net.cli([
         "--config-file", str(CONFIGS / "PascalVOC-Detection/faster_rcnn_R_50_FPN_ohem.yaml"),
         "--register-voc", "t_voc", str(voc), "trainval", ",".join(VOC_CLASSES),
-        *opts("MODEL.ROI_HEADS.NUM_CLASSES", 3, "DATASETS.TRAIN", "('t_voc',)", "DATASETS.TEST", "('t_voc',)",
+        *opts("MODEL.ROI_HEADS.NUM_CLASSES", 2, "DATASETS.TRAIN", "('t_voc',)", "DATASETS.TEST", "('t_voc',)",
               "SOLVER.MAX_ITER", 2, "SOLVER.STEPS", "()", "OUTPUT_DIR", str(out)),
     ])
     assert {"AP", "AP50", "AP75"} <= json.loads((out / "eval_results.json").read_text())["bbox"].keys()
@@ -152,15 +152,15 @@ def test_voc_layout_dataset_with_its_own_classes(tmp_path):
         (["--config-file", "configs/nope.yaml"], "config file 'configs/nope.yaml' not found"),
         (["DATASETS.TRAIN", "('coco_2017_trian',)"], "'coco_2017_trian'"),
         (["MODEL.OHEM.NMS_THRESH", "1.5"], "MODEL.OHEM.NMS_THRESH = 1.5 is invalid"),
-        (["MODEL.NOT_A_KEY", "1"], "Non-existent config key: MODEL.NOT_A_KEY"),
+        (["MODEL.NOT_A_KEY", "1"], "Non-existent key: MODEL.NOT_A_KEY"),
         (["--eval-only"], "options such as --eval-only go before the overrides"),
-        (["--register-coco", "t_bad", "missing.json", "imgs", "DATASETS.TRAIN", "('t_bad',)"], "missing.json"),
+        (["DATASETS.TRAIN", "('t_bad',)"], "missing.json"),
     ],
 )
-def test_bad_input_is_one_clear_line(coco_subset, tmp_path, capsys, change, message):
-    args = coco_args(coco_subset, output=tmp_path)
+def test_bad_input_is_one_clear_line(coco_subset, tmp_path, change, message):
+    args = ["--register-coco", "t_bad", "missing.json", "imgs"] + coco_args(coco_subset, output=tmp_path)
     if change[0] == "--config-file":
-        args[1] = change[1]
+        args[args.index("--config-file") + 1] = change[1]
     else:
         args += change
     with pytest.raises(SystemExit) as exit_info:
@@ -185,4 +185,4 @@ def test_two_process_ddp_training_on_cpu_with_ohem(coco_subset, tmp_path):
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "model_final.pth").is_file()
-    assert "world size: 2" in done.stderr.lower() or "rank 1" in done.stderr.lower()
+    assert "world size: 2" in (done.stdout + done.stderr).lower()

@@ -102,7 +102,9 @@ def build_config(args):
         cfg.merge_from_list(args.opts)
     except KeyError as e:  # yacs: "Non-existent config key: ..."
         raise KeyError(f"{e.args[0]} (in {args.config_file} or the command line)") from None
-    except AssertionError:  # yacs: odd number of KEY VALUE overrides
+    except AssertionError as e:  # yacs: an odd number of override words, or a key that does not exist
+        if "odd length" not in str(e):
+            raise KeyError(f"{e} (in the command-line overrides)") from None
         flags = [o for o in args.opts if str(o).startswith("--")]
         hint = f"; options such as {flags[0]} go before the overrides" if flags else ""
         raise ValueError(f"the trailing config overrides must be KEY VALUE pairs, got {len(args.opts)} "
