@@ -19,8 +19,8 @@ stage instead:
   hardest RoIs are mostly background, the opposite of what the high-IoU stages are for;
 * the mask (and keypoint) head trains on the foreground among the *last* stage's mined RoIs: the
   best-localised boxes, closest to the boxes it sees at test time. Stock Detectron2 trains it on
-  the stage-0 sample instead (its later-stage RoIs carry no ``gt_masks``); here every stage's RoIs
-  carry all ``gt_*`` fields of their matched GT.
+  the stage-0 sample instead (its later-stage RoIs carry no ``gt_masks``); here the last stage's
+  mined RoIs get the mask and keypoint targets of their matched GT, gathered for them alone.
 
 ``MODEL.OHEM.MODE: loss_zeroing`` runs each stage's trainable pass on all RoIs and zeroes the
 losses of those not mined. Mining statistics go to the EventStorage as ``stage{k}/ohem/*``.
@@ -33,8 +33,6 @@ stock cascade, except that stage 0 labels proposals by ``MODEL.ROI_HEADS.IOU_THR
 ``IOU_LABELS``, so that Fast R-CNN's ``bg_lo`` (IoU < 0.1 ignored) applies; stock
 ``CascadeROIHeads`` builds its stage-0 matcher from the cascade IoUs and cannot express it.
 """
-from functools import partial
-
 import torch
 
 from detectron2.modeling.matcher import Matcher
@@ -79,9 +77,9 @@ class FastRCNNHeuristicsCascadeROIHeads(Stage0MatcherFromROIHeadsMixin, CascadeR
 class OHEMCascadeROIHeads(OHEMMixin, Stage0MatcherFromROIHeadsMixin, CascadeROIHeads):
     """:class:`CascadeROIHeads` (box, mask and keypoint heads) trained with OHEM in every stage."""
 
-    def _stage_predictions(self, features, boxes, stage):
-        """Stage ``stage``'s box-predictor outputs for a list of :class:`Boxes`, one per image."""
-        return self.box_predictor[stage](self.box_head[stage](self.box_pooler(features, boxes)))
+    def _box_predictions(self, features, proposals, stage):
+        # Stock _run_stage: in training it also scales the gradient reaching the features.
+        return self._run_stage(features, proposals, stage)
 
     def forward(self, images, features, proposals, targets=None):
         if not self.training:
@@ -89,6 +87,7 @@ class OHEMCascadeROIHeads(OHEMMixin, Stage0MatcherFromROIHeadsMixin, CascadeROIH
         proposals = self.label_and_sample_proposals(proposals, targets)
         losses, mined = self._forward_box_ohem(features, proposals, targets)
         # The mask and keypoint heads train on the foreground among the last stage's mined RoIs.
+        mined = self._with_targets(mined, targets)
         losses.update(self._forward_mask(features, mined))
         losses.update(self._forward_keypoint(features, mined))
         return mined, losses
@@ -107,14 +106,10 @@ class OHEMCascadeROIHeads(OHEMMixin, Stage0MatcherFromROIHeadsMixin, CascadeROIH
             predictor = self.box_predictor[k]
             with storage.name_scope(f"stage{k}"):
                 if self.ohem.mode == "two_pass":
-                    predictions, hardness = self._readonly_pass(
-                        features, proposals, partial(self._stage_predictions, stage=k), predictor
-                    )
-                    _, mined = self._select(hardness, proposals)
+                    predictions, mined = self._mine(features, proposals, k)
                     stage_losses = predictor.losses(self._run_stage(features, mined, k), mined)
                 else:
-                    predictions = self._run_stage(features, proposals, k)
-                    mined, stage_losses = self._loss_zeroing_losses(predictions, proposals, predictor)
+                    predictions, mined, stage_losses = self._loss_zeroing(features, proposals, k)
             losses.update({f"{name}_stage{k}": value for name, value in stage_losses.items()})
             if k + 1 < self.num_cascade_stages:
                 refined = predictor.predict_boxes(predictions, proposals)
@@ -124,9 +119,9 @@ class OHEMCascadeROIHeads(OHEMMixin, Stage0MatcherFromROIHeadsMixin, CascadeROIH
     def _match_and_label_boxes(self, proposals, stage, targets):
         """Label ``proposals`` (all of them; nothing is sampled) at stage ``stage``'s IoU.
 
-        As stock, plus every other ``gt_*`` field of the matched GT (``gt_masks``, ``gt_keypoints``),
-        for the mask and keypoint heads that train on the last stage's RoIs. Images without GT get
-        background labels and placeholder ``gt_boxes``, as stock.
+        As stock, plus ``gt_index``, the matched GT of each proposal, from which
+        :meth:`_with_targets` gathers the mask and keypoint targets of the last stage's mined RoIs.
+        Images without GT get background labels and placeholder ``gt_boxes``, as stock.
         """
         num_fg, num_all = [], []
         for p, t in zip(proposals, targets):
@@ -135,9 +130,8 @@ class OHEMCascadeROIHeads(OHEMMixin, Stage0MatcherFromROIHeadsMixin, CascadeROIH
                 gt_classes = t.gt_classes[matched_idxs]
                 gt_classes[labels == 0] = self.num_classes
                 p.gt_classes = gt_classes
-                for name, value in t.get_fields().items():
-                    if name.startswith("gt_") and not p.has(name):
-                        p.set(name, value[matched_idxs])
+                p.gt_boxes = t.gt_boxes[matched_idxs]
+                p.gt_index = matched_idxs
             else:
                 p.gt_classes = torch.full_like(matched_idxs, self.num_classes)
                 p.gt_boxes = Boxes(t.gt_boxes.tensor.new_zeros((len(p), 4)))

@@ -14,6 +14,11 @@ and ``OHEMRes5ROIHeads`` (C4) replace Detectron2's RoI sampler during training:
 * ``loss_zeroing`` mode: one trainable forward on all RoIs whose losses outside
   the hard set are zeroed, the costly alternative the paper argues against.
 
+The read-only pass leaves the training state alone: batch-norm layers run on their
+running statistics (no update, no SyncBN collective), and under AMP it casts
+weights without autocast's cache. Mask and keypoint targets are gathered for the
+mined RoIs only, not for every candidate.
+
 At inference both heads are exactly their stock parents: same parameters, same
 outputs, checkpoints interchangeable.
 """
@@ -21,6 +26,7 @@ import contextlib
 import logging
 
 import torch
+from torch.nn.modules.batchnorm import _NormBase
 
 from detectron2.config import configurable
 from detectron2.layers import nonzero_tuple
@@ -30,6 +36,7 @@ from detectron2.modeling.roi_heads import (
     StandardROIHeads,
     select_foreground_proposals,
 )
+from detectron2.structures import Instances
 
 from .config import OHEMSettings
 from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats
@@ -43,9 +50,11 @@ logger = logging.getLogger(__name__)
 class OHEMMixin:
     """Online hard example mining for a Detectron2 ROI head.
 
-    The head class mixing this in provides ``_box_predictions(features, boxes)``:
-    the box predictor's outputs for a list of feature maps and a list of
-    :class:`Boxes`, one per image.
+    The head class mixing this in provides one method, ``_box_predictions(features, proposals,
+    stage)``: the box predictor's outputs of box stage ``stage`` for a list of feature maps and a
+    list of proposals (one Instances per image; only ``proposal_boxes`` is read). Heads with a
+    single box stage (FPN, C4) have only stage 0; a cascade has one per cascade stage, its box
+    predictors in ``self.box_predictor[stage]``.
     """
 
     @configurable
@@ -59,6 +68,25 @@ class OHEMMixin:
         ohem = OHEMSettings.from_config(cfg)  # validate before the parent builds anything
         return {**super().from_config(cfg, input_shape), "ohem": ohem}
 
+    def _box_predictor_at(self, stage):
+        """The FastRCNNOutputLayers of box stage ``stage``."""
+        if isinstance(self.box_predictor, torch.nn.ModuleList):
+            return self.box_predictor[stage]
+        return self.box_predictor
+
+    # ------------------------------------------------------------------------------------------
+    # Labelling: every proposal, with the targets the box losses need
+
+    def label_and_sample_proposals(self, proposals, targets):
+        """Detectron2's labelling of every proposal (see :meth:`_sample_proposals`), carrying only
+        ``gt_boxes``, ``gt_classes`` and ``gt_index`` (the matched GT of each proposal).
+
+        Detectron2 copies every ``gt_*`` field (masks, keypoints) to each sampled proposal; here
+        every proposal is a candidate (1000-2000 per image), and bitmask targets for all of them
+        would take gigabytes. :meth:`_with_targets` gathers those fields for the mined RoIs only.
+        """
+        return super().label_and_sample_proposals(proposals, [_box_targets(t) for t in targets])
+
     def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):
         """Label every proposal and keep all of them as candidates (the miner replaces the sampler).
 
@@ -71,32 +99,74 @@ class OHEMMixin:
             gt_classes[matched_labels == -1] = -1
         else:
             gt_classes = torch.full_like(matched_idxs, self.num_classes)
-        if -1 not in self.proposal_matcher.labels:  # nothing ignored: skip the nonzero's host sync
+        if -1 not in self.proposal_matcher.labels:  # nothing ignored: no nonzero, no host sync
             return torch.arange(len(gt_classes), device=gt_classes.device), gt_classes
         keep = nonzero_tuple(gt_classes != -1)[0]
         return keep, gt_classes[keep]
 
-    def _readonly_predictions(self, features, proposals, predict=None):
-        """Box-predictor outputs for every RoI, without autograd, in chunks of RoIs of one image.
+    @staticmethod
+    def _with_targets(proposals, targets):
+        """``proposals`` (labelled by this head) with every other ``gt_*`` field of ``targets``
+        (``gt_masks``, ``gt_keypoints``, ...) gathered for them by their ``gt_index``."""
+        for p, t in zip(proposals, targets):
+            if len(t) == 0:  # no GT: as stock, the proposals carry no other gt_* field
+                continue
+            for name, value in t.get_fields().items():
+                if name.startswith("gt_") and not p.has(name):
+                    p.set(name, value[p.gt_index])
+        return proposals
 
-        ``predict(features, boxes)`` defaults to ``self._box_predictions``.
-        """
-        predict = predict or self._box_predictions
+    # ------------------------------------------------------------------------------------------
+    # The read-only pass
+
+    def _readonly_predictions(self, features, proposals, stage):
+        """Box-predictor outputs for every RoI, in chunks of ``READONLY_CHUNK_SIZE`` RoIs of one image."""
         chunk = self.ohem.readonly_chunk_size
         if chunk == 0:
-            return predict(features, [p.proposal_boxes for p in proposals])
+            return self._box_predictions(features, proposals, stage)
         parts = []
         for i, p in enumerate(proposals):
             image_features = [f[i : i + 1] for f in features]
             for start in range(0, len(p), chunk):
-                parts.append(predict(image_features, [p.proposal_boxes[start : start + chunk]]))
+                parts.append(self._box_predictions(image_features, [p[start : start + chunk]], stage))
         return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
     def _readonly_precision(self, device_type):
-        """Autocast for an opt-in low-precision read-only pass; under AMP the pass follows AMP."""
-        if self.ohem.readonly_dtype == "float32" or torch.is_autocast_enabled(device_type):
+        """The autocast of the read-only pass: AMP's own dtype under AMP, else the opt-in
+        ``READONLY_DTYPE``; in both cases with autocast's weight-cast cache disabled.
+
+        Under AMP the whole training forward is one autocast region, and autocast caches the
+        low-precision copy of each weight it casts for reuse later in the region. A copy cast
+        here, under ``no_grad``, has no autograd history; torch <= 2.10 (pytorch issues 112583,
+        142234, 158232) reuses it in the trainable pass, whose head then gets no gradient. With
+        the cache off nothing cast here is kept: each chunk casts the head's weights again.
+        """
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        elif self.ohem.readonly_dtype != "float32":
+            dtype = getattr(torch, self.ohem.readonly_dtype)
+        else:
             return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=getattr(torch, self.ohem.readonly_dtype))
+        return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+
+    @contextlib.contextmanager
+    def _norm_layers_frozen(self):
+        """Batch-norm layers of this head in eval mode (running statistics) for the read-only pass.
+
+        In training mode each chunk would update the running statistics from candidate RoIs that
+        are mostly easy background, several times per step, and SyncBN would issue one
+        collective per chunk: chunk counts differ between ranks, so multi-GPU runs would hang.
+        In eval mode a norm layer neither updates nor communicates, and a RoI's hardness does not
+        depend on the chunk it is in.
+        """
+        switched = [m for m in self.modules() if isinstance(m, _NormBase) and m.training]
+        for m in switched:
+            m.train(False)
+        try:
+            yield
+        finally:
+            for m in switched:
+                m.train(True)
 
     def _hardness(self, box_predictor, predictions, proposals, cls_loss, box_loss):
         """(R,) fp32 hardness of every RoI by the registered ``MODEL.OHEM.HARDNESS`` function,
@@ -114,25 +184,34 @@ class OHEMMixin:
             )
             return OHEM_HARDNESS_REGISTRY.get(self.ohem.hardness)(inputs).float()
 
-    def _readonly_pass(self, features, proposals, predict=None, box_predictor=None):
-        """Read-only pass over every RoI: returns (box-predictor outputs, hardness (R,))."""
-        box_predictor = self.box_predictor if box_predictor is None else box_predictor
-        with torch.no_grad(), self._readonly_precision(proposals[0].proposal_boxes.device.type):
-            predictions = self._readonly_predictions(features, proposals, predict)
+    def _readonly_pass(self, features, proposals, stage):
+        """Read-only pass of box stage ``stage`` over every RoI: (predictor outputs, hardness (R,))."""
+        box_predictor = self._box_predictor_at(stage)
+        device_type = proposals[0].proposal_boxes.device.type
+        with torch.no_grad(), self._norm_layers_frozen(), self._readonly_precision(device_type):
+            predictions = self._readonly_predictions(features, proposals, stage)
             losses = per_roi_losses(box_predictor, predictions, proposals)
         return predictions, self._hardness(box_predictor, predictions, proposals, *losses)
 
-    def _mine(self, features, proposals):
-        """The read-only pass and the selection: returns the mined proposals, one Instances per image."""
-        _, hardness = self._readonly_pass(features, proposals)
-        return self._select(hardness, proposals)[1]
+    # ------------------------------------------------------------------------------------------
+    # Mining
+
+    def _mine(self, features, proposals, stage=0):
+        """The read-only pass and the selection (``two_pass``). Returns the read-only predictions
+        of every RoI and the mined proposals, one Instances per image."""
+        predictions, hardness = self._readonly_pass(features, proposals, stage)
+        return predictions, self._select(hardness, proposals)[1]
 
     def _select(self, hardness, proposals):
         """Select the hard RoIs by ``hardness`` (R,) with the registered ``MODEL.OHEM.SELECTION``
-        strategy; returns (flat indices grouped by image, mined proposals)."""
+        strategy; returns (flat indices grouped by image, mined proposals).
+
+        Host syncs: the strategy's NMS and boolean selections (data-dependent sizes), the
+        per-image counts below, and the diagnostics' one device-to-host copy.
+        """
         num_images = len(proposals)
         lengths = [len(p) for p in proposals]
-        # Built from host-known sizes, without uploading them (an upload would wait for the device).
+        # Built from host-known sizes: uploading them would wait for the device.
         image_ids = torch.cat(
             [torch.full((n,), i, dtype=torch.int64, device=hardness.device) for i, n in enumerate(lengths)]
         )
@@ -164,20 +243,18 @@ class OHEMMixin:
             )
         return selected, mined
 
-    def _loss_zeroing_box_losses(self, features, proposals):
-        """One trainable pass on all RoIs; the losses of the RoIs not mined are zeroed.
+    def _loss_zeroing(self, features, proposals, stage=0):
+        """``loss_zeroing``: one trainable pass of box stage ``stage`` on all RoIs; the losses of
+        the RoIs not mined are zeroed. Returns (predictions of every RoI, mined proposals, losses).
 
         Normalised by the number of mined RoIs, as the two-pass losses are, so both modes give
         the same loss and gradients for the same selection.
         """
-        predictions = self._box_predictions(features, [p.proposal_boxes for p in proposals])
-        return self._loss_zeroing_losses(predictions, proposals, self.box_predictor)
-
-    def _loss_zeroing_losses(self, predictions, proposals, box_predictor):
-        """The losses of :meth:`_loss_zeroing_box_losses` from trainable ``predictions`` of all RoIs."""
+        box_predictor = self._box_predictor_at(stage)
+        predictions = self._box_predictions(features, proposals, stage)
         cls_loss, box_loss = per_roi_losses(box_predictor, predictions, proposals)
-        selected, mined = self._select(self._hardness(box_predictor, predictions, proposals, cls_loss, box_loss),
-                                       proposals)
+        hardness = self._hardness(box_predictor, predictions, proposals, cls_loss, box_loss)
+        selected, mined = self._select(hardness, proposals)
         keep = torch.zeros_like(cls_loss)
         keep[selected] = 1.0
         num_mined = max(len(selected), 1)
@@ -185,28 +262,39 @@ class OHEMMixin:
             "loss_cls": (cls_loss * keep).sum() / num_mined,
             "loss_box_reg": (box_loss * keep).sum() / num_mined,
         }
-        return mined, losses
+        return predictions, mined, losses
+
+
+def _box_targets(targets):
+    """The GT of one image as the box losses need it: boxes, classes, and ``gt_index``, which
+    labelling copies to each proposal as the index of its matched GT."""
+    out = Instances(targets.image_size)
+    out.gt_boxes = targets.gt_boxes
+    out.gt_classes = targets.gt_classes
+    out.gt_index = torch.arange(len(targets), device=targets.gt_classes.device)
+    return out
 
 
 @ROI_HEADS_REGISTRY.register()
 class OHEMROIHeads(OHEMMixin, StandardROIHeads):
     """:class:`StandardROIHeads` (FPN; box, mask and keypoint heads) trained with OHEM."""
 
-    def _box_predictions(self, features, boxes):
+    def _box_predictions(self, features, proposals, stage):
+        boxes = [p.proposal_boxes for p in proposals]
         return self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
 
     def forward(self, images, features, proposals, targets=None):
         if not self.training:
             return super().forward(images, features, proposals, targets)
         proposals = self.label_and_sample_proposals(proposals, targets)
-        del targets
         box_features = [features[f] for f in self.box_in_features]
         if self.ohem.mode == "two_pass":
-            mined = self._mine(box_features, proposals)
+            _, mined = self._mine(box_features, proposals)
             losses = self._forward_box(features, mined)
         else:
-            mined, losses = self._loss_zeroing_box_losses(box_features, proposals)
+            _, mined, losses = self._loss_zeroing(box_features, proposals)
         # The mask and keypoint heads train on the foreground among the mined RoIs.
+        mined = self._with_targets(mined, targets)
         losses.update(self._forward_mask(features, mined))
         losses.update(self._forward_keypoint(features, mined))
         return mined, losses
@@ -216,8 +304,9 @@ class OHEMROIHeads(OHEMMixin, StandardROIHeads):
 class OHEMRes5ROIHeads(OHEMMixin, Res5ROIHeads):
     """:class:`Res5ROIHeads` (C4; box and mask heads) trained with OHEM."""
 
-    def _box_predictions(self, features, boxes):
-        return self.box_predictor(self._shared_roi_transform(features, boxes).mean(dim=[2, 3]))
+    def _box_predictions(self, features, proposals, stage):
+        box_features = self._shared_roi_transform(features, [p.proposal_boxes for p in proposals])
+        return self.box_predictor(box_features.mean(dim=[2, 3]))
 
     def _mask_losses(self, features, proposals, box_features=None):
         """Mask loss on the foreground of ``proposals``; reuses their res5 features when given."""
@@ -234,16 +323,16 @@ class OHEMRes5ROIHeads(OHEMMixin, Res5ROIHeads):
         if not self.training:
             return super().forward(images, features, proposals, targets)
         proposals = self.label_and_sample_proposals(proposals, targets)
-        del targets
         features = [features[f] for f in self.in_features]
         if self.ohem.mode == "two_pass":
-            mined = self._mine(features, proposals)
+            _, mined = self._mine(features, proposals)
+            mined = self._with_targets(mined, targets)
             # Detectron2's Res5ROIHeads training step, on the mined RoIs only.
             box_features = self._shared_roi_transform(features, [p.proposal_boxes for p in mined])
             predictions = self.box_predictor(box_features.mean(dim=[2, 3]))
             losses = self.box_predictor.losses(predictions, mined)
             losses.update(self._mask_losses(features, mined, box_features))
         else:
-            mined, losses = self._loss_zeroing_box_losses(features, proposals)
-            losses.update(self._mask_losses(features, mined))
+            _, mined, losses = self._loss_zeroing(features, proposals)
+            losses.update(self._mask_losses(features, self._with_targets(mined, targets)))
         return [], losses

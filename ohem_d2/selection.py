@@ -32,7 +32,9 @@ Register your own with ``@OHEM_SELECTION_REGISTRY.register()`` (the function's `
 its config name) and set ``MODEL.OHEM.SELECTION`` to that name.
 
 All inputs are flat over the batch (one row per RoI, ``image_ids`` saying whose) and everything
-stays on the device: no Python loop over images, no host sync.
+stays on the device, with no Python loop over images. The host waits for the device where a size
+depends on the data: in the NMS (torchvision copies its keep mask to the host) and in each
+boolean selection (``x[mask]``); a strategy returns its indices without other syncs.
 """
 import math
 from dataclasses import dataclass
@@ -74,25 +76,30 @@ def deduplicate(boxes, hardness, image_ids, nms_thresh):
     return batched_nms(boxes.float(), hardness.float(), image_ids, nms_thresh)
 
 
+def _sort_by_group(keys, num_groups):
+    """Stable sort of ``keys`` (int64 in [0, num_groups)) for a sequence already in hardness
+    order: returns the sorting permutation and, for each sorted element, its rank inside its
+    group (0 = hardest)."""
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=num_groups)
+    first = torch.cumsum(counts, 0) - counts
+    return perm, torch.arange(len(keys), device=keys.device) - first[sorted_keys]
+
+
 def group_by_image(order, image_ids, num_images):
     """Regroup ``order`` (RoI indices, hardest first) image by image, keeping the hardness order
     inside each image. Returns the regrouped indices and each one's rank inside its image
     (0 = hardest)."""
-    order_image_ids, perm = torch.sort(image_ids[order], stable=True)
-    counts = torch.bincount(order_image_ids, minlength=num_images)
-    first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order), device=order.device) - first[order_image_ids]
+    perm, rank = _sort_by_group(image_ids[order], num_images)
     return order[perm], rank
 
 
 def rank_in_group(keys, num_groups):
     """For a sequence already in hardness order with a group key each (int64 in
-    [0, num_groups)), the rank of every element inside its group (0 = hardest)."""
-    sorted_keys, perm = torch.sort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=num_groups)
-    first = torch.cumsum(counts, 0) - counts
+    [0, num_groups)), the rank of every element inside its group (0 = hardest), in sequence order."""
+    perm, sorted_rank = _sort_by_group(keys, num_groups)
     rank = torch.empty_like(keys)
-    rank[perm] = torch.arange(len(keys), device=keys.device) - first[sorted_keys]
+    rank[perm] = sorted_rank
     return rank
 
 

@@ -1,4 +1,9 @@
-"""Shared helpers: small CPU configs, hand-made proposals, and the coco128 location."""
+"""Shared helpers: small configs, hand-made proposals, the coco128 location, and ``--device``.
+
+``pytest --device cuda`` (``make test-gpu``) runs the model-level tests (those marked ``model``)
+on the GPU and deselects the rest; without a GPU they are skipped with the reason. The helpers
+below build tensors, configs and heads on ``device()``, the CPU by default.
+"""
 import os
 from pathlib import Path
 
@@ -18,6 +23,43 @@ FPN_OHEM = "COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem.yaml"
 C4_OHEM = "COCO-Detection/faster_rcnn_R_50_C4_1x_ohem.yaml"
 MASK_OHEM = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_ohem.yaml"
 
+_SESSION = {"device": "cpu"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="where the model-level tests (marker 'model') run; with cuda only they run")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "model: a model-level test that runs on --device (cpu or cuda)")
+    _SESSION["device"] = config.getoption("--device")
+    if device() == "cuda":
+        # The tests compare fp32 computations that must agree (two-pass against loss-zeroing
+        # gradients, chunked against whole passes); TF32, which cuDNN uses for fp32 convolutions by
+        # default, rounds products to 10 mantissa bits, differently for different batch sizes.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def pytest_collection_modifyitems(config, items):
+    if device() == "cpu":
+        return
+    selected = [item for item in items if item.get_closest_marker("model")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in selected])
+    items[:] = selected
+    if not torch.cuda.is_available():
+        reason = (f"--device cuda: no CUDA device (torch {torch.__version__}, "
+                  f"torch.cuda.is_available() is False); run without --device for the CPU suite")
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def device():
+    """The device of the model-level tests: ``--device``, the CPU by default."""
+    return _SESSION["device"]
+
+
 # A ResNet-18 at ~128 px: the same code paths as the configs' R-50, at CPU-test cost.
 TINY = [
     "MODEL.WEIGHTS", "",
@@ -36,11 +78,11 @@ TINY = [
 
 
 def load_cfg(config_file, opts=(), tiny=True):
-    """A config from ``configs/`` with OHEM keys added, weights off, on the CPU."""
+    """A config from ``configs/`` with OHEM keys added, weights off, on ``device()``."""
     cfg = get_cfg()
     add_ohem_config(cfg)
     cfg.merge_from_file(str(CONFIGS / config_file))
-    cfg.merge_from_list((TINY if tiny else ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]) + list(opts))
+    cfg.merge_from_list((TINY if tiny else ["MODEL.WEIGHTS", ""]) + ["MODEL.DEVICE", device()] + list(opts))
     return cfg
 
 
@@ -51,7 +93,7 @@ def require_coco128():
 
 
 def instances(image_size, boxes, **fields):
-    """Instances of one image with ``proposal_boxes`` (or other Boxes fields) from lists."""
+    """Instances of one image on ``device()`` with ``proposal_boxes`` (or other Boxes fields) from lists."""
     inst = Instances(image_size)
     for name, value in {"proposal_boxes": boxes, **fields}.items():
         if value is None:
@@ -61,20 +103,20 @@ def instances(image_size, boxes, **fields):
         else:
             value = torch.as_tensor(value)
         inst.set(name, value)
-    return inst
+    return inst.to(device())
 
 
 def random_fpn_features(num_images=2, size=64, channels=256, seed=0):
-    """Random p2..p6 FPN features for ``num_images`` images of ``size`` x ``size``."""
+    """Random p2..p6 FPN features (on ``device()``) for ``num_images`` images of ``size`` x ``size``."""
     g = torch.Generator().manual_seed(seed)
     return {
-        f"p{level}": torch.randn(num_images, channels, size // 2**level, size // 2**level, generator=g)
+        f"p{level}": torch.randn(num_images, channels, size // 2**level, size // 2**level, generator=g).to(device())
         for level in range(2, 7)
     }
 
 
 def random_proposals(num_images=2, num=40, size=64, seed=0):
-    """Random proposals (with objectness) in ``size`` x ``size`` images."""
+    """Random proposals (with objectness, on ``device()``) in ``size`` x ``size`` images."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(num_images):

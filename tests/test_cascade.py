@@ -15,7 +15,9 @@ from detectron2.utils.events import EventStorage
 
 from ohem_d2 import FastRCNNHeuristicsCascadeROIHeads, OHEMCascadeROIHeads
 
-from conftest import instances, load_cfg, random_fpn_features, random_proposals
+from conftest import device, instances, load_cfg, random_fpn_features, random_proposals
+
+pytestmark = pytest.mark.model
 
 CASCADE = "COCO-Detection/cascade_mask_rcnn_R_50_FPN_1x.yaml"
 CASCADE_OHEM = "COCO-Detection/cascade_mask_rcnn_R_50_FPN_1x_ohem.yaml"
@@ -37,14 +39,14 @@ def targets_with_masks(size=(64, 64), no_gt_images=(), num_images=2):
         masks = torch.zeros(len(boxes), *size, dtype=torch.bool)
         for m, (x0, y0, x1, y1) in zip(masks, boxes):
             m[int(y0) : int(y1), int(x0) : int(x1)] = True
-        t.gt_masks = BitMasks(masks)
+        t.gt_masks = BitMasks(masks.to(device()))
         out.append(t)
     return out
 
 
 def cascade_heads(opts=(), config=CASCADE_OHEM):
     torch.manual_seed(0)
-    return build_roi_heads(load_cfg(config, SMALL_HEADS + list(opts)), FPN_SHAPES).train()
+    return build_roi_heads(load_cfg(config, SMALL_HEADS + list(opts)), FPN_SHAPES).to(device()).train()
 
 
 def record_selections(heads):

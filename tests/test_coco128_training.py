@@ -11,6 +11,8 @@ from detectron2.utils.events import EventStorage
 
 from conftest import C4_OHEM, FPN_OHEM, MASK_OHEM, load_cfg, require_coco128
 
+pytestmark = pytest.mark.model
+
 
 def registered(name, json_name):
     root = require_coco128()

@@ -7,6 +7,8 @@ from detectron2.modeling import build_model
 
 from conftest import load_cfg
 
+pytestmark = pytest.mark.model
+
 PAIRS = [
     ("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", "COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem.yaml"),
     ("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml", "COCO-Detection/faster_rcnn_R_50_C4_1x_ohem.yaml"),

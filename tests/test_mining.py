@@ -10,7 +10,9 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
-from conftest import C4_OHEM, FPN_OHEM, instances, load_cfg, random_fpn_features, random_proposals
+from conftest import C4_OHEM, FPN_OHEM, device, instances, load_cfg, random_fpn_features, random_proposals
+
+pytestmark = pytest.mark.model
 
 GT = [[10.0, 10.0, 40.0, 40.0]]
 P_FG = [10.0, 10.0, 40.0, 38.0]      # IoU 0.93 with the GT: foreground
@@ -21,7 +23,7 @@ P_BELOW_BG_LO = [30.0, 30.0, 50.0, 50.0]  # IoU 100 / 1200 = 0.083 < 0.1: backgr
 def fpn_heads(config=FPN_OHEM, opts=()):
     cfg = load_cfg(config, opts)
     shapes = {f"p{l}": ShapeSpec(channels=256, stride=2**l) for l in range(2, 7)}
-    return build_roi_heads(cfg, shapes).train()
+    return build_roi_heads(cfg, shapes).to(device()).train()
 
 
 def one_image_case():
@@ -34,14 +36,14 @@ def fake_box_predictions(special, num_classes=80, gt_class=2):
     """A stand-in for the read-only pass: logits making every RoI cost log(2) (bg and class 2
     tie at 10), except the boxes in ``special`` (box -> (logits overrides, class-2 dx delta))."""
 
-    def predict(features, boxes):
-        b = Boxes.cat(boxes).tensor
-        scores = torch.zeros(len(b), num_classes + 1)
+    def predict(features, proposals, stage):
+        b = Boxes.cat([p.proposal_boxes for p in proposals]).tensor
+        scores = torch.zeros(len(b), num_classes + 1, device=b.device)
         scores[:, num_classes] = 10.0
         scores[:, gt_class] = 10.0
-        deltas = torch.zeros(len(b), 4 * num_classes)
+        deltas = torch.zeros(len(b), 4 * num_classes, device=b.device)
         for box, (logits, dx) in special.items():
-            rows = (b == torch.tensor(box)).all(dim=1)
+            rows = (b == torch.tensor(box, device=b.device)).all(dim=1)
             for cls, value in logits.items():
                 scores[rows, cls] = value
             deltas[rows, 4 * gt_class] = dx
@@ -74,7 +76,7 @@ def test_a_proposal_below_bg_lo_can_be_mined():
     heads._box_predictions = fake_box_predictions({tuple(P_BELOW_BG_LO): ({0: 20.0}, 0.0)})
     with EventStorage() as storage:
         labelled = heads.label_and_sample_proposals(proposals, targets)
-        mined = heads._mine([], labelled)
+        _, mined = heads._mine([], labelled)
         stats = storage.latest()
     assert mined[0].proposal_boxes.tensor.tolist() == [P_BELOW_BG_LO]
     assert stats["ohem/bg_below_bg_lo_share"][0] == 1.0
@@ -89,7 +91,7 @@ def test_loss_cls_box_vs_cls(loss, expected):
     heads = fpn_heads(opts=["MODEL.OHEM.BATCH_SIZE_PER_IMAGE", 1, "MODEL.OHEM.LOSS", loss])
     heads._box_predictions = fake_box_predictions({tuple(P_FG): ({}, 5.0), tuple(P_FAR): ({0: 11.5}, 0.0)})
     with EventStorage():
-        mined = heads._mine([], heads.label_and_sample_proposals(proposals, targets))
+        _, mined = heads._mine([], heads.label_and_sample_proposals(proposals, targets))
     assert mined[0].proposal_boxes.tensor.tolist() == [expected]
 
 
@@ -127,9 +129,9 @@ def test_chunked_read_only_pass_equals_unchunked(chunk):
     heads = fpn_heads(opts=["MODEL.OHEM.BATCH_SIZE_PER_IMAGE", 10])
     features = [random_fpn_features()[f] for f in heads.box_in_features]
     proposals = random_proposals()
-    whole = heads._box_predictions(features, [p.proposal_boxes for p in proposals])
+    whole = heads._box_predictions(features, proposals, 0)
     heads.ohem = dataclasses.replace(heads.ohem, readonly_chunk_size=chunk)
-    chunked = heads._readonly_predictions(features, proposals)
+    chunked = heads._readonly_predictions(features, proposals, 0)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -177,7 +179,7 @@ def test_loss_zeroing_gives_zero_gradient_to_rois_not_mined():
     _, losses, _ = run_heads(heads, features_require_grad=True)
     (losses["loss_cls"] + losses["loss_box_reg"]).backward()
     grad_norm = pooled[0].grad.flatten(1).abs().sum(dim=1)
-    mined = torch.zeros(len(grad_norm), dtype=torch.bool)
+    mined = torch.zeros(len(grad_norm), dtype=torch.bool, device=grad_norm.device)
     mined[selected[0]] = True
     assert (grad_norm[~mined] == 0).all()
     assert (grad_norm[mined] > 0).all()
@@ -190,7 +192,7 @@ def test_two_pass_and_loss_zeroing_give_the_same_loss_and_gradients(config):
     model = build_model(cfg).train()
     heads = model.roi_heads
     if config == C4_OHEM:
-        features = {"res4": torch.randn(2, 256, 4, 4)}
+        features = {"res4": torch.randn(2, 256, 4, 4).to(device())}
     else:
         features = random_fpn_features()
     proposals = random_proposals()
@@ -217,10 +219,10 @@ def test_two_pass_and_loss_zeroing_give_the_same_loss_and_gradients(config):
 
 def test_c4_heads_mine_and_train():
     cfg = load_cfg(C4_OHEM, ["MODEL.OHEM.BATCH_SIZE_PER_IMAGE", 4])
-    heads = build_roi_heads(cfg, {"res4": ShapeSpec(channels=256, stride=16)}).train()
+    heads = build_roi_heads(cfg, {"res4": ShapeSpec(channels=256, stride=16)}).to(device()).train()
     targets = [instances((64, 64), None, gt_boxes=[[5, 5, 30, 30]], gt_classes=[3])] * 2
     with EventStorage() as storage:
-        _, losses = heads(None, {"res4": torch.randn(2, 256, 4, 4)}, random_proposals(), targets)
+        _, losses = heads(None, {"res4": torch.randn(2, 256, 4, 4).to(device())}, random_proposals(), targets)
     sum(losses.values()).backward()
     assert storage.latest()["ohem/mined_per_image"][0] == 4
     assert all(torch.isfinite(v) for v in losses.values())

@@ -6,8 +6,10 @@ import torch
 
 from detectron2.utils.events import EventStorage
 
-from conftest import instances, random_fpn_features, random_proposals
+from conftest import device, instances, random_fpn_features, random_proposals
 from test_mining import fpn_heads
+
+pytestmark = pytest.mark.model
 
 B = 12
 
@@ -28,7 +30,7 @@ def mine(heads, autocast_dtype=None):
         lambda m, i, out: dtypes.append(out.dtype) if not torch.is_grad_enabled() else None
     )
     targets = [instances((64, 64), None, gt_boxes=[[5, 5, 30, 30], [30, 20, 60, 50]], gt_classes=[1, 7])] * 2
-    context = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+    context = torch.autocast(device(), dtype=autocast_dtype) if autocast_dtype else torch.autocast(device(), enabled=False)
     with EventStorage(), context:
         _, losses = heads(None, random_fpn_features(), random_proposals(num=80), targets)
     hook.remove()

@@ -9,7 +9,9 @@ from detectron2.utils.events import EventStorage
 
 from ohem_d2.roi_loss import per_roi_losses
 
-from conftest import instances
+from conftest import device, instances
+
+pytestmark = pytest.mark.model
 
 NUM_CLASSES = 3
 
@@ -20,7 +22,7 @@ def predictor(**kwargs):
         box2box_transform=Box2BoxTransform((10.0, 10.0, 5.0, 5.0)),
         num_classes=NUM_CLASSES,
         **kwargs,
-    )
+    ).to(device())
 
 
 def labelled_rois(seed=0, num=12, with_gt=True):
@@ -37,7 +39,7 @@ def labelled_rois(seed=0, num=12, with_gt=True):
 def random_predictions(box_predictor, proposals, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(sum(len(p) for p in proposals), 8, generator=g)
-    return box_predictor(x)
+    return box_predictor(x.to(device()))
 
 
 @pytest.mark.parametrize(
@@ -74,14 +76,14 @@ def test_background_rois_have_no_box_loss_and_hand_computed_cross_entropy():
         gt_boxes=[[1, 1, 11, 11], [0, 0, 1, 1]],
         gt_classes=[1, NUM_CLASSES],
     )
-    scores = torch.tensor([[0.0, 2.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    deltas = torch.zeros(2, 4 * NUM_CLASSES)
+    scores = torch.tensor([[0.0, 2.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], device=device())
+    deltas = torch.zeros(2, 4 * NUM_CLASSES, device=device())
     cls_loss, box_loss = per_roi_losses(box_predictor, (scores, deltas), [rois])
     e2 = torch.exp(torch.tensor(2.0))
     e1 = torch.exp(torch.tensor(1.0))
-    torch.testing.assert_close(cls_loss, torch.stack([torch.log(e2 + 3) - 2, torch.log(e1 + 3)]))
+    torch.testing.assert_close(cls_loss.cpu(), torch.stack([torch.log(e2 + 3) - 2, torch.log(e1 + 3)]))
     # fg RoI: zero deltas vs GT shifted by 1 px -> |dx| = |dy| = 10 * 1 / 10 = 1, dw = dh = 0.
-    torch.testing.assert_close(box_loss, torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(box_loss.cpu(), torch.tensor([2.0, 0.0]))
 
 
 def test_losses_are_fp32_from_low_precision_logits():

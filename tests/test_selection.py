@@ -4,15 +4,20 @@ import torch
 
 from ohem_d2.selection import deduplicate, select_per_image
 
+from conftest import device
+
+pytestmark = pytest.mark.model
+
 
 def far_apart_boxes(n):
     """n 10x10 boxes that do not overlap each other."""
-    return torch.tensor([[20.0 * i, 0.0, 20.0 * i + 10, 10.0] for i in range(n)])
+    return torch.tensor([[20.0 * i, 0.0, 20.0 * i + 10, 10.0] for i in range(n)], device=device())
 
 
 def select(hardness, boxes, image_ids, num_images, b, nms=0.7):
     idx, num_after_nms = select_per_image(
-        torch.tensor(hardness), boxes, torch.tensor(image_ids), num_images, b, nms
+        torch.tensor(hardness, device=device()), boxes.to(device()), torch.tensor(image_ids, device=device()),
+        num_images, b, nms,
     )
     return idx.tolist(), num_after_nms
 
@@ -86,10 +91,11 @@ def test_matches_a_plain_python_reference(nms):
             if all(box_iou(boxes[j : j + 1], boxes[k : k + 1]).item() <= nms for k in kept) or nms >= 1:
                 kept.append(j)
         expected += kept[:b]
-    idx, _ = select_per_image(hardness, boxes, image_ids, num_images, b, nms)
+    idx, _ = select_per_image(hardness.to(device()), boxes.to(device()), image_ids.to(device()), num_images, b, nms)
     assert idx.tolist() == expected
 
 
 def test_deduplicate_returns_hardest_first():
-    order = deduplicate(far_apart_boxes(3), torch.tensor([0.1, 0.3, 0.2]), torch.zeros(3, dtype=torch.long), 0.7)
+    order = deduplicate(far_apart_boxes(3), torch.tensor([0.1, 0.3, 0.2], device=device()),
+                        torch.zeros(3, dtype=torch.long, device=device()), 0.7)
     assert order.tolist() == [1, 2, 0]

@@ -15,26 +15,28 @@ from ohem_d2.hardness import loss as loss_hardness
 from ohem_d2.roi_loss import per_roi_losses
 from ohem_d2.selection import per_batch, per_image, quota, select_per_image, stratified
 
-from conftest import FPN_OHEM, load_cfg
+from conftest import FPN_OHEM, device, load_cfg
 from test_mining import P_FAR, P_FG, fake_box_predictions, fpn_heads, one_image_case, run_heads
 from test_roi_loss import labelled_rois, predictor, random_predictions
 
+
+pytestmark = pytest.mark.model
 
 FPN_SHAPES = {f"p{l}": ShapeSpec(channels=256, stride=2**l) for l in range(2, 7)}
 
 
 def far_apart_boxes(n):
     """n 10x10 boxes that do not overlap each other (the NMS keeps them all)."""
-    return torch.tensor([[20.0 * i, 0.0, 20.0 * i + 10, 10.0] for i in range(n)])
+    return torch.tensor([[20.0 * i, 0.0, 20.0 * i + 10, 10.0] for i in range(n)], device=device())
 
 
 def inputs(hardness, image_ids, num_images, b, is_fg=None, boxes=None, nms=0.7, fg_fraction=0.25, min_fg=0.0):
     n = len(hardness)
     return SelectionInputs(
-        hardness=torch.tensor(hardness),
-        boxes=far_apart_boxes(n) if boxes is None else boxes,
-        image_ids=torch.tensor(image_ids),
-        is_fg=torch.tensor([False] * n if is_fg is None else [bool(x) for x in is_fg]),
+        hardness=torch.tensor(hardness, device=device()),
+        boxes=far_apart_boxes(n) if boxes is None else boxes.to(device()),
+        image_ids=torch.tensor(image_ids, device=device()),
+        is_fg=torch.tensor([False] * n if is_fg is None else [bool(x) for x in is_fg], device=device()),
         num_images=num_images,
         batch_size_per_image=b,
         nms_thresh=nms,
@@ -63,7 +65,8 @@ def test_registry_names():
 
 def test_per_image_is_the_papers_selection():
     assert run(per_image, H7, IDS7, 2, 2) == ([1, 2, 3, 6], 7)
-    expected = select_per_image(torch.tensor(H7), far_apart_boxes(7), torch.tensor(IDS7), 2, 2, 0.7)
+    expected = select_per_image(torch.tensor(H7, device=device()), far_apart_boxes(7),
+                                torch.tensor(IDS7, device=device()), 2, 2, 0.7)
     assert run(per_image, H7, IDS7, 2, 2)[0] == expected[0].tolist()
 
 
@@ -215,7 +218,8 @@ def test_strategies_match_plain_python_loops(strategy, nms, min_fg):
     hardness = torch.rand(num, generator=g)
     image_ids = torch.randint(0, num_images, (num,), generator=g)
     is_fg = torch.rand(num, generator=g) < torch.tensor([0.05, 0.3, 0.8])[image_ids]  # few to many fg
-    inp = SelectionInputs(hardness, boxes, image_ids, is_fg, num_images, b, nms, 0.25, min_fg)
+    inp = SelectionInputs(*(x.to(device()) for x in (hardness, boxes, image_ids, is_fg)),
+                          num_images, b, nms, 0.25, min_fg)
     idx, _ = OHEM_SELECTION_REGISTRY.get(strategy)(inp)
     expected = python_reference(strategy, hardness.tolist(), boxes, image_ids.tolist(), is_fg.tolist(),
                                 num_images, b, nms, 0.25, min_fg)
@@ -226,10 +230,10 @@ def test_strategies_match_plain_python_loops(strategy, nms, min_fg):
 
 
 def hardness_inputs(box_predictor, scores, gt_classes, loss="cls_box"):
-    gt_classes = torch.tensor(gt_classes)
-    cls_loss = torch.zeros(len(gt_classes))
-    return HardnessInputs(box_predictor, (scores, torch.zeros(len(gt_classes), 4)), [], gt_classes,
-                          cls_loss + 1.0, cls_loss + 2.0, loss)
+    gt_classes = torch.tensor(gt_classes, device=device())
+    cls_loss = torch.zeros(len(gt_classes), device=device())
+    return HardnessInputs(box_predictor, (scores.to(device()), torch.zeros(len(gt_classes), 4, device=device())),
+                          [], gt_classes, cls_loss + 1.0, cls_loss + 2.0, loss)
 
 
 def test_loss_hardness_follows_model_ohem_loss():
@@ -248,7 +252,7 @@ def test_probability_hardness_softmax_by_hand():
     ])
     hardness = probability(hardness_inputs(predictor(), scores, [0, 3, 1, 1]))
     expected = torch.tensor([3 / 5, 3 / 8, 3 / 4, 1 - 1 / (3 + math.exp(9))])
-    torch.testing.assert_close(hardness, expected)
+    torch.testing.assert_close(hardness.cpu(), expected)
 
 
 def test_probability_hardness_sigmoid_by_hand():
@@ -260,7 +264,7 @@ def test_probability_hardness_sigmoid_by_hand():
         [-ln3, ln3, -50.0, 100.0],  # class 1: p = (1 - 0.25) * 0.75 = 0.5625
     ])
     hardness = probability(hardness_inputs(predictor(use_sigmoid_ce=True), scores, [0, 3, 1]))
-    torch.testing.assert_close(hardness, torch.tensor([0.75, 0.8125, 0.4375]))
+    torch.testing.assert_close(hardness.cpu(), torch.tensor([0.75, 0.8125, 0.4375]))
 
 
 @pytest.mark.parametrize("use_sigmoid_ce", [False, True])
@@ -285,7 +289,7 @@ def test_hardness_option_in_the_head(hardness, expected):
     heads = fpn_heads(opts=["MODEL.OHEM.BATCH_SIZE_PER_IMAGE", 1, "MODEL.OHEM.HARDNESS", hardness])
     heads._box_predictions = fake_box_predictions({tuple(P_FG): ({}, 5.0), tuple(P_FAR): ({0: 11.5}, 0.0)})
     with EventStorage():
-        mined = heads._mine([], heads.label_and_sample_proposals(proposals, targets))
+        _, mined = heads._mine([], heads.label_and_sample_proposals(proposals, targets))
     assert mined[0].proposal_boxes.tensor.tolist() == [expected]
 
 

@@ -52,7 +52,7 @@ def mine_image(model, data):
     proposals, _ = model.proposal_generator(images, features, targets)
     proposals = heads.label_and_sample_proposals(proposals, targets)
     in_features = getattr(heads, "box_in_features", None) or heads.in_features
-    _, hardness = heads._readonly_pass([features[f] for f in in_features], proposals)
+    _, hardness = heads._readonly_pass([features[f] for f in in_features], proposals, stage=0)
     selected, (mined,) = heads._select(hardness, proposals)
     mined.hardness = hardness[selected]
     mined.iou = max_iou_with_gt([mined])
