@@ -14,8 +14,9 @@ setup(
     python_requires=">=3.8",
     install_requires=[
         "detectron2",
-        "torch>=1.13",
-        "torchvision>=0.14",
+        # The oldest versions ohem_d2 runs on (ohem_d2/requirements.py; make test-oldest-torch).
+        "torch>=2.4",
+        "torchvision>=0.19",
         "fvcore>=0.1.5,<0.1.6",
         "pycocotools>=2.0.2",
         # Headless build: the desktop wheel needs libGL, absent on servers and CI.

@@ -4,7 +4,14 @@
 Selection strategies and hardness definitions are registered by name in
 ``OHEM_SELECTION_REGISTRY`` and ``OHEM_HARDNESS_REGISTRY`` (docs/STRATEGIES.md).
 """
-from .cascade import FastRCNNHeuristicsCascadeROIHeads, OHEMCascadeROIHeads
+import torch as _torch
+import torchvision as _torchvision
+
+from .requirements import check_versions as _check_versions
+
+_check_versions(_torch.__version__, _torchvision.__version__)
+
+from .cascade import FastRCNNHeuristicsCascadeROIHeads, OHEMCascadeROIHeads  # noqa: E402 (after the check)
 from .config import OHEMConfigError, OHEMSettings, add_ohem_config, validate_ohem_config
 from .hardness import OHEM_HARDNESS_REGISTRY, HardnessInputs
 from .roi_heads import OHEMMixin, OHEMRes5ROIHeads, OHEMROIHeads
