@@ -13,9 +13,9 @@ TINY_RUN = ["--synthetic", "num_train=8", "--synthetic", "num_val=4", "--synthet
             "SOLVER.STEPS", "()", "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
 
 
-def run_tool(tool, *args, env=None):
+def run_tool(tool, *args, env=None, timeout=900):
     return subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)], capture_output=True,
-                          text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+                          text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """tools/train_net.py on real coco128 images: train, resume after an interruption, eval-only,
-user COCO and VOC-layout datasets, diagnostics in metrics.json, bad input, and 2-process DDP."""
+user COCO and VOC-layout datasets, diagnostics in metrics.json, bad input, 2-process DDP (also
+on a GPU machine), and the peak-memory hook."""
 import json
 import os
 import signal
@@ -7,10 +8,14 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import pytest
+import torch
+from detectron2.utils.events import EventStorage
 
 from conftest import FPN_OHEM, REPO, TINY, CONFIGS, require_coco128
+from ohem_d2.synthetic_data import generate_synthetic_dataset
 
 sys.path.insert(0, str(REPO / "tools"))
 import train_net  # noqa: E402
@@ -186,3 +191,38 @@ def test_two_process_ddp_training_on_cpu_with_ohem(coco_subset, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "model_final.pth").is_file()
     assert "world size: 2" in (done.stdout + done.stderr).lower()
+
+
+@pytest.mark.parametrize("device, workers_see", [("cpu", ""), ("cuda", None)])
+def test_cpu_ddp_workers_see_no_gpu(tmp_path, monkeypatch, device, workers_see):
+    """Detectron2's launch gives its workers NCCL whenever they see a GPU, which a CPU run cannot use."""
+    data = generate_synthetic_dataset(tmp_path / "data", num_train=2, num_val=1, image_size=32)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    seen = []
+    monkeypatch.setattr(train_net, "launch", lambda *a, **k: seen.append(os.environ.get("CUDA_VISIBLE_DEVICES")))
+    train_net.cli(["--num-gpus", "2", "--config-file", str(CONFIGS / FPN_OHEM),
+                   "--register-coco", f"t_syn_{device}", data.train_json, data.train_images,
+                   *opts("DATASETS.TRAIN", f"('t_syn_{device}',)", "DATASETS.TEST", "()", "MODEL.DEVICE", device)])
+    assert seen == [workers_see]
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # only the workers' environment
+
+
+class FakeCudaModel(torch.nn.Module):
+    """Says its parameters are on the first GPU, so the hook's CUDA path runs on a machine without one."""
+
+    def parameters(self, recurse=True):
+        yield SimpleNamespace(device=torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("model, cuda_calls", [(torch.nn.Linear(2, 2), 0), (FakeCudaModel(), 1)])
+def test_peak_memory_hook_touches_cuda_only_for_a_model_on_cuda(monkeypatch, model, cuda_calls):
+    """A MODEL.DEVICE cpu run on a GPU machine neither asks CUDA nor records a GPU peak."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args, **kwargs: calls.append(args) or 3 * 2**20)
+    hook = train_net.PeakMemoryHook()
+    hook.trainer = SimpleNamespace(model=model)
+    with EventStorage() as storage:
+        hook.after_step()
+    assert len(calls) == cuda_calls
+    assert storage.latest().get("peak_gpu_mem_mb", (None,))[0] == (3.0 if cuda_calls else None)

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -51,10 +52,16 @@ def parse_args(argv=None):
                    help=f"arms to compare, first one is the reference (known: {', '.join(ARMS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; every arm runs every seed")
     p.add_argument("--output", default=None, help="experiment folder (default: output/experiment_<config name>)")
-    p.add_argument("--num-gpus", type=int, default=0, help="GPUs per run (0: MODEL.DEVICE of the config)")
+    p.add_argument("--num-gpus", type=int, default=0,
+                   help="GPUs (processes) per run; with MODEL.DEVICE cpu, that many gloo processes per run "
+                        "(0: one process on MODEL.DEVICE of the config)")
     p.add_argument("--parallel", type=int, default=0,
-                   help="runs at once, e.g. several small arms sharing one GPU (default: 1 on a GPU; on the "
-                        "CPU one run per core, each with one thread, which is faster than threads per run)")
+                   help="runs at once (default: 1 on a GPU; on the CPU one run per core, each with one thread, "
+                        "which is faster than threads per run). On GPUs each run at once gets its own --num-gpus "
+                        "GPUs out of CUDA_VISIBLE_DEVICES (else all GPUs); single-GPU runs share GPUs round-robin "
+                        "when there are more runs than GPUs (e.g. several small arms on one GPU); multi-GPU runs "
+                        "never share, so --parallel x --num-gpus may not exceed the visible GPUs. Every "
+                        "multi-process run gets its own free rendezvous port")
     p.add_argument("--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"))
     p.add_argument("--register-voc", nargs=4, action="append", default=[], metavar=("NAME", "DIR", "SPLIT", "CLASSES"))
     p.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
@@ -87,6 +94,11 @@ def synthetic_registration(args):
     return [["synthetic_train", ds.train_json, ds.train_images], ["synthetic_val", ds.val_json, ds.val_images]], ds
 
 
+def processes_per_run(args):
+    """Training processes of each run: one per GPU, or per gloo worker on the CPU."""
+    return max(args.num_gpus, 1)
+
+
 def plan_runs(args):
     """The runs of the experiment: {(arm, seed): (run_dir, train_net argv)}, and the experiment spec."""
     config = os.path.abspath(args.config_file or DEFAULT_CONFIG)
@@ -95,7 +107,7 @@ def plan_runs(args):
     if not args.config_file or args.synthetic:  # the embedded dataset, at the requested settings
         entries, synthetic = synthetic_registration(args)
         register_coco += entries
-    common = ["--config-file", config, "--num-gpus", str(max(args.num_gpus, 1))]
+    common = ["--config-file", config, "--num-gpus", str(processes_per_run(args))]
     opts = list(args.opts)
     if "MODEL.DEVICE" not in opts[::2]:  # train where this machine can: the GPU if there is one
         opts = ["MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu"] + opts
@@ -164,6 +176,8 @@ class Run:
 
     def __init__(self, arm, seed, run_dir, argv, max_iter):
         self.arm, self.seed, self.run_dir, self.argv, self.max_iter = arm, seed, run_dir, argv, max_iter
+        self.num_processes = train_argument_parser().parse_args(argv).num_gpus
+        self.port = None
         self.process = None
         self.started = None
         self.previous_wall = run_state(run_dir).get("wall_time_s", 0.0)
@@ -174,10 +188,14 @@ class Run:
             os.path.join(self.run_dir, "eval_results.json")
         )
 
-    def start(self, env):
+    def start(self, env, port=None):
+        """Start training in ``env``; a multi-process run meets its processes at ``port``, which is
+        chosen anew at every start and so kept out of ``argv``, the settings a resume compares."""
         os.makedirs(self.run_dir, exist_ok=True)
         self.log = open(os.path.join(self.run_dir, "train_net.out"), "a")
-        command = [sys.executable, os.path.join(TOOLS, "train_net.py"), "--resume"] + self.argv
+        self.port = port
+        rendezvous = ["--dist-url", f"tcp://127.0.0.1:{port}"] if port else []
+        command = [sys.executable, os.path.join(TOOLS, "train_net.py"), "--resume", *rendezvous] + self.argv
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.started = time.time()
         self.save("running")
@@ -208,10 +226,68 @@ class Run:
             return "".join(f.readlines()[-lines:])
 
 
+def training_device(opts):
+    """The device type the runs train on ("cuda" or "cpu"): the last MODEL.DEVICE override wins."""
+    return dict(zip(opts[::2], opts[1::2])).get("MODEL.DEVICE", "cuda").split(":")[0]
+
+
 def default_parallel(opts, num_runs):
     """One run at a time on a GPU; on the CPU one single-threaded run per core."""
-    device = dict(zip(opts[::2], opts[1::2])).get("MODEL.DEVICE", "cuda")
-    return 1 if device != "cpu" else max(1, min(os.cpu_count() or 1, num_runs))
+    return 1 if training_device(opts) != "cpu" else max(1, min(os.cpu_count() or 1, num_runs))
+
+
+def visible_gpus(environ):
+    """The GPUs a child may use, named as CUDA_VISIBLE_DEVICES names them: the caller's list if set."""
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(torch.cuda.device_count())]
+    return [name.strip() for name in listed.split(",") if name.strip()]
+
+
+def gpu_slots(parallel, gpus_per_run, gpus):
+    """CUDA_VISIBLE_DEVICES of each of the ``parallel`` runs at once, carved out of ``gpus``.
+
+    Each run gets its own ``gpus_per_run`` GPUs. Single-GPU runs may share: with more of them than
+    GPUs they go round-robin over the GPUs (small arms that fit one GPU together). Multi-GPU runs
+    never share, as their DDP processes would crowd each other's GPUs.
+    """
+    if not gpus:
+        raise ExperimentError("MODEL.DEVICE is cuda but no GPU is visible; make one visible "
+                              "(CUDA_VISIBLE_DEVICES) or train on the CPU with MODEL.DEVICE cpu")
+    if gpus_per_run == 1:
+        return [gpus[slot % len(gpus)] for slot in range(parallel)]
+    if parallel * gpus_per_run > len(gpus):
+        visible = f"{len(gpus)} is visible" if len(gpus) == 1 else f"{len(gpus)} are visible"
+        if len(gpus) >= gpus_per_run:
+            way_on = f"--parallel {len(gpus) // gpus_per_run}"
+        else:
+            way_on = f"--parallel 1 --num-gpus {len(gpus)}"
+        raise ExperimentError(
+            f"--parallel {parallel} runs of --num-gpus {gpus_per_run} need {parallel * gpus_per_run} GPUs, but "
+            f"{visible} ({','.join(gpus)}); use {way_on} (multi-GPU runs do not share GPUs)"
+        )
+    return [",".join(gpus[slot * gpus_per_run:(slot + 1) * gpus_per_run]) for slot in range(parallel)]
+
+
+def slot_environments(env, device, parallel, gpus_per_run):
+    """The environment of each of the ``parallel`` runs at once: on CUDA, with its own GPUs."""
+    if device != "cuda":
+        return [env] * parallel
+    return [dict(env, CUDA_VISIBLE_DEVICES=gpus) for gpus in gpu_slots(parallel, gpus_per_run, visible_gpus(env))]
+
+
+def free_port(taken=()):
+    """A TCP port that nothing listens on now and that is not in ``taken``.
+
+    ``taken`` holds the ports of the runs still going: a run's processes listen on its port only
+    once they are up, and until then the OS may offer the same port again.
+    """
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 def child_environment(parallel):
@@ -223,38 +299,43 @@ def child_environment(parallel):
     return env
 
 
-def train_all(runs, parallel, env):
-    """Run every unfinished run, ``parallel`` at a time, with progress bars; return the failures."""
+def train_all(runs, environments):
+    """Run every unfinished run, one per slot at a time, with progress bars; return the failures.
+
+    Slot k runs in ``environments[k]`` (its GPUs); a multi-process run gets its own rendezvous port.
+    """
     todo = [r for r in runs if not r.done]
     for r in runs:
         if r.done:
             print(f"[{r.arm} seed {r.seed}] finished earlier: skipped")
     overall = tqdm(total=sum(r.max_iter for r in runs), desc="all runs", position=0, unit="it", dynamic_ncols=True)
     overall.update(sum(r.max_iter if r.done else last_iteration(r.run_dir) for r in runs))
-    active, bars, failures = [], {}, []
+    active, bars, failures = {}, {}, []  # active: slot -> the run in it
     try:
         while todo or active:
-            while todo and len(active) < parallel:
-                r = todo.pop(0)
-                r.start(env)
-                bars[r] = tqdm(total=r.max_iter, initial=last_iteration(r.run_dir), position=len(active) + 1,
-                               desc=f"{r.arm} seed {r.seed}", unit="it", leave=False, dynamic_ncols=True)
-                active.append(r)
+            for slot, env in enumerate(environments):
+                if todo and slot not in active:
+                    r = todo.pop(0)
+                    ports_in_use = {a.port for a in active.values()}
+                    r.start(env, free_port(ports_in_use) if r.num_processes > 1 else None)
+                    bars[r] = tqdm(total=r.max_iter, initial=last_iteration(r.run_dir), position=slot + 1,
+                                   desc=f"{r.arm} seed {r.seed}", unit="it", leave=False, dynamic_ncols=True)
+                    active[slot] = r
             time.sleep(POLL_SECONDS)
-            for r in list(active):
+            for slot, r in list(active.items()):
                 progress = min(last_iteration(r.run_dir), r.max_iter)
                 overall.update(progress - bars[r].n)
                 bars[r].update(progress - bars[r].n)
                 code = r.poll()
                 if code is not None:
-                    active.remove(r)
+                    del active[slot]
                     bars.pop(r).close()
                     if code != 0:
                         failures.append(r)
                         tqdm.write(f"[{r.arm} seed {r.seed}] failed (exit {code}); last lines of "
                                    f"{r.run_dir}/train_net.out:\n{r.tail()}")
     except KeyboardInterrupt:
-        for r in active:
+        for r in active.values():
             r.stop()
         raise ExperimentError("interrupted: re-run the same command to resume from the last checkpoints")
     finally:
@@ -271,8 +352,10 @@ def main(argv=None):
         os.makedirs(output, exist_ok=True)
         runs = [Run(arm, seed, d, a, experiment["max_iter"]) for (arm, seed), (d, a) in planned.items()]
         if not args.report_only:
-            parallel = args.parallel or default_parallel(experiment["opts"], len(runs))
-            failures = train_all(runs, parallel, child_environment(parallel))
+            parallel = min(args.parallel or default_parallel(experiment["opts"], len(runs)), len(runs))
+            environments = slot_environments(child_environment(parallel), training_device(experiment["opts"]),
+                                             parallel, processes_per_run(args))
+            failures = train_all(runs, environments)
             if failures:
                 raise ExperimentError(f"{len(failures)} run(s) failed; fix the cause and re-run to resume")
         unfinished = [f"{r.arm} seed {r.seed}" for r in runs if not r.done]

@@ -41,11 +41,16 @@ except ImportError:
 
 
 class PeakMemoryHook(hooks.HookBase):
-    """Puts the peak GPU memory so far (MiB) into the EventStorage, hence into metrics.json."""
+    """Puts the peak GPU memory so far (MiB) into the EventStorage, hence into metrics.json.
+
+    Only for a model on a GPU: a CPU run on a machine with a GPU has no GPU peak to report (torch
+    would say 0, the report shows n/a) and leaves CUDA alone.
+    """
 
     def after_step(self):
-        if torch.cuda.is_available():
-            peak = torch.cuda.max_memory_allocated() / 2**20
+        device = next(self.trainer.model.parameters()).device
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
             get_event_storage().put_scalar("peak_gpu_mem_mb", peak, smoothing_hint=False)
 
 
@@ -161,22 +166,33 @@ def argument_parser():
     return parser
 
 
+def worker_environment(cfg, args):
+    """Environment variables for the spawned training processes.
+
+    Detectron2's ``launch`` gives its workers NCCL and one GPU each whenever it sees a GPU, also
+    for a ``MODEL.DEVICE cpu`` run; hiding the GPUs from such workers makes it use gloo.
+    """
+    spawns_workers = args.num_gpus * args.num_machines > 1
+    return {"CUDA_VISIBLE_DEVICES": ""} if spawns_workers and cfg.MODEL.DEVICE == "cpu" else {}
+
+
 def cli(argv=None):
     args = argument_parser().parse_args(argv)
     try:
-        build_config(args)  # fail here, in one process, before any worker is spawned
+        cfg = build_config(args)  # fail here, in one process, before any worker is spawned
     except USER_ERRORS as e:
         logging.getLogger(__name__).debug("invalid input", exc_info=True)
         sys.exit(f"error: {e.args[0] if e.args else e}")
     print("Command Line Args:", args)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    with mock.patch.dict(os.environ, worker_environment(cfg, args)):
+        return launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
 
 
 if __name__ == "__main__":
