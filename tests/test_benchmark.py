@@ -120,6 +120,23 @@ def test_gpu_suite_plan(bench, monkeypatch, tmp_path):
             assert cfg.MODEL.OHEM.READONLY_DTYPE == ("bfloat16" if prec == "fp32_bf16ro" else "float32")
 
 
+def test_mask_head_runs_alone_on_mask_annotations_with_bitmask_targets(bench, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    images = tmp_path / "train2017"
+    images.mkdir()
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train2017_segm.json").write_text("{}")
+    plan = bench.make_plan(bench.parse_args(["--suite", "gpu", "--heads", "mask", "--images", str(images)]))
+    assert plan.annotations.name == "instances_train2017_segm.json"
+    assert {arm for _, _, arm in plan.combos} == {"stock", "two_pass", "loss_zeroing"}
+    for head, prec, arm in plan.combos:
+        cfg = bench.build_cfg(plan, head, prec, arm)[0]
+        assert cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "bitmask"
+        assert cfg.MODEL.ROI_HEADS.NAME == ("StandardROIHeads" if arm == "stock" else "OHEMROIHeads")
+    line = error_line(bench, capsys, ["--suite", "gpu", "--heads", "fpn,mask", "--images", str(images)])
+    assert "run it on its own (--heads mask)" in line
+
+
 @needs_coco128
 def test_bf16_readonly_alone_keeps_its_fp32_baseline(bench):
     plan = bench.make_plan(bench.parse_args(["--heads", "c4", "--precisions", "fp32_bf16ro"]))

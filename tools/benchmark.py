@@ -43,7 +43,9 @@ Suites:
   --suite gpu   the real measurement: R50-FPN and R50-C4, 800 px short side
                 (max 1333), 2 images/batch, fp32 / AMP (fp16) / fp32 with a bf16
                 read-only pass; 10 warmup and 30 timed iterations per arm.
-                Needs CUDA.
+                Needs CUDA. ``--heads mask``: Mask R-CNN R50-FPN with bitmask
+                targets, on its own (it needs coco128's mask annotations), for
+                the memory that mask targets take.
   --suite cpu   a smoke-size run for machines without a GPU (about 30 s on 2 cores):
                 ResNet-18, 128 px, 64 proposals and 16 RoIs per image, one CPU
                 thread; fp32 on both heads, fp32 + bf16 read-only pass on FPN.
@@ -51,6 +53,7 @@ Suites:
 
 Example:
   python tools/benchmark.py --suite gpu --out results/benchmark_gpu
+  python tools/benchmark.py --suite gpu --heads mask --precisions fp32,amp --out results/benchmark_mask
   python tools/benchmark.py --suite cpu --heads fpn --iters 2 SOLVER.IMS_PER_BATCH 1
 """
 import argparse
@@ -100,15 +103,32 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 import ohem_d2  # noqa: E402
 
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "coco128" / "train2017"
-CONFIG_DIR = REPO_ROOT / "configs" / "COCO-Detection"
+CONFIG_DIR = REPO_ROOT / "configs"
 
-# arm -> (config file, with {head} = FPN | C4; extra overrides)
+# arm -> (config suffix; extra overrides)
 ARMS = {
-    "stock": ("faster_rcnn_R_50_{head}_1x.yaml", []),
-    "two_pass": ("faster_rcnn_R_50_{head}_1x_ohem.yaml", ["MODEL.OHEM.MODE", "two_pass"]),
-    "loss_zeroing": ("faster_rcnn_R_50_{head}_1x_ohem.yaml", ["MODEL.OHEM.MODE", "loss_zeroing"]),
+    "stock": ("", []),
+    "two_pass": ("_ohem", ["MODEL.OHEM.MODE", "two_pass"]),
+    "loss_zeroing": ("_ohem", ["MODEL.OHEM.MODE", "loss_zeroing"]),
 }
-HEADS = {"fpn": "FPN", "c4": "C4"}
+
+
+@dataclass(frozen=True)
+class Head:
+    label: str  # the model's name in the table, after "R<depth>-"
+    config: str  # config file under configs/, {suffix} = the arm's
+    overrides: tuple = ()
+    annotations: str = "instances_{folder}.json"  # default annotations file name, beside the images
+
+
+HEADS = {
+    "fpn": Head("FPN", "COCO-Detection/faster_rcnn_R_50_FPN_1x{suffix}.yaml"),
+    "c4": Head("C4", "COCO-Detection/faster_rcnn_R_50_C4_1x{suffix}.yaml"),
+    # Mask R-CNN with bitmask targets: what the RoI head gathers per RoI is a full-image mask, so
+    # this is where gathering targets for all candidates rather than the mined RoIs would show.
+    "mask": Head("FPN-Mask (bitmask)", "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x{suffix}.yaml",
+                 ("INPUT.MASK_FORMAT", "bitmask"), "instances_{folder}_segm.json"),
+}
 
 
 @dataclass(frozen=True)
@@ -199,7 +219,8 @@ def parse_args(argv):
                         help="preset sizes and defaults: gpu = the real R50 measurement (CUDA), "
                              "cpu = smoke-size run (default: cpu)")
     parser.add_argument("--arms", help="comma-separated arms (default: all: " + ",".join(ARMS) + ")")
-    parser.add_argument("--heads", help="comma-separated heads among " + ",".join(HEADS) + " (default: both)")
+    parser.add_argument("--heads", help="comma-separated heads among " + ",".join(HEADS)
+                        + " (default: the suite's; mask needs mask annotations, so it runs alone)")
     parser.add_argument("--precisions", help="comma-separated precisions among " + ",".join(PRECISIONS)
                         + " (default: suite's)")
     parser.add_argument("--iters", type=int, help="timed iterations per arm (default: suite's)")
@@ -213,7 +234,8 @@ def parse_args(argv):
                         help="folder of COCO-style training images (default: %(default)s)")
     parser.add_argument("--annotations",
                         help="COCO instances JSON of --images (default: "
-                             "IMAGES/../annotations/instances_<folder name>.json)")
+                             "IMAGES/../annotations/instances_<folder name>.json; with --heads mask, "
+                             "instances_<folder name>_segm.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
     parser.add_argument("--out", help="folder to write benchmark.md and benchmark.json to")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
@@ -306,8 +328,12 @@ def make_plan(args):
     images = Path(args.images)
     if not images.is_dir():
         raise BenchmarkError(f"images folder not found: {images} (give one with --images DIR)")
+    annotation_names = {HEADS[h].annotations for h in heads}
+    if len(annotation_names) > 1:
+        raise BenchmarkError(f"--heads {','.join(heads)}: the mask head trains on mask annotations and "
+                             "bitmask inputs, the others do not; run it on its own (--heads mask)")
     annotations = (Path(args.annotations) if args.annotations
-                   else images.parent / "annotations" / f"instances_{images.name}.json")
+                   else images.parent / "annotations" / annotation_names.pop().format(folder=images.name))
     if not annotations.is_file():
         raise BenchmarkError(f"annotations file not found: {annotations} (give one with --annotations FILE)")
     out = Path(args.out) if args.out else None
@@ -330,11 +356,11 @@ def make_plan(args):
 
 def build_cfg(plan, head, prec, arm):
     """The arm's config: its model-zoo YAML, then arm and precision, then suite and user overrides."""
-    config_name, arm_overrides = ARMS[arm]
-    path = CONFIG_DIR / config_name.format(head=HEADS[head])
+    suffix, arm_overrides = ARMS[arm]
+    path = CONFIG_DIR / HEADS[head].config.format(suffix=suffix)
     p = PRECISIONS[prec]
     applied = ["MODEL.DEVICE", plan.device, "SOLVER.AMP.ENABLED", p.amp_dtype is not None,
-               "DATALOADER.NUM_WORKERS", 0]
+               "DATALOADER.NUM_WORKERS", 0, *HEADS[head].overrides]
     if arm != "stock":
         applied += arm_overrides + ["MODEL.OHEM.READONLY_DTYPE", p.readonly_dtype]
     applied += plan.overrides
@@ -364,7 +390,7 @@ def _pairs(flat):
 
 
 def head_name(cfg, head):
-    return f"R{cfg.MODEL.RESNETS.DEPTH}-{HEADS[head]}"
+    return f"R{cfg.MODEL.RESNETS.DEPTH}-{HEADS[head].label}"
 
 
 def load_batches(cfg, plan, count):
