@@ -4,12 +4,14 @@
 Selection strategies and hardness definitions are registered by name in
 ``OHEM_SELECTION_REGISTRY`` and ``OHEM_HARDNESS_REGISTRY`` (docs/STRATEGIES.md).
 """
+from importlib.metadata import version as _installed_version
+
 import torch as _torch
-import torchvision as _torchvision
 
 from .requirements import check_versions as _check_versions
 
-_check_versions(_torch.__version__, _torchvision.__version__)
+# torchvision's version from its metadata: an old torchvision may fail to import with a newer torch.
+_check_versions(_torch.__version__, _installed_version("torchvision"))
 
 from .cascade import FastRCNNHeuristicsCascadeROIHeads, OHEMCascadeROIHeads  # noqa: E402 (after the check)
 from .config import OHEMConfigError, OHEMSettings, add_ohem_config, validate_ohem_config

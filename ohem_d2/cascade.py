@@ -16,7 +16,9 @@ stage instead:
   candidates. (Stock Detectron2 refines the RoIs stage 0 trained on, its sample; mmdetection
   samples anew per stage, from the refined boxes of the previous stage's sample.) Refining only
   the mined RoIs would let stage 0's hardness decide what the later stages may see, and stage 0's
-  hardest RoIs are mostly background, the opposite of what the high-IoU stages are for;
+  hardest RoIs are mostly background, the opposite of what the high-IoU stages are for. (With
+  batch norm in the box heads, the read-only pass, hence these refined boxes, uses the norm
+  layers' running statistics; the shipped configs have no norm there);
 * the mask (and keypoint) head trains on the foreground among the *last* stage's mined RoIs: the
   best-localised boxes, closest to the boxes it sees at test time. Stock Detectron2 trains it on
   the stage-0 sample instead (its later-stage RoIs carry no ``gt_masks``); here the last stage's

@@ -129,6 +129,8 @@ class OHEMMixin:
             image_features = [f[i : i + 1] for f in features]
             for start in range(0, len(p), chunk):
                 parts.append(self._box_predictions(image_features, [p[start : start + chunk]], stage))
+        if not parts:  # no RoI in the whole batch: the predictor's empty outputs
+            return self._box_predictions(features, proposals, stage)
         return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
     def _readonly_precision(self, device_type):

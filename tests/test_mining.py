@@ -226,3 +226,15 @@ def test_c4_heads_mine_and_train():
     sum(losses.values()).backward()
     assert storage.latest()["ohem/mined_per_image"][0] == 4
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("mode", ["two_pass", "loss_zeroing"])
+def test_a_batch_without_any_roi_trains(mode):
+    """No proposal and no GT in any image (e.g. the RPN kept nothing): nothing to mine, zero losses."""
+    heads = fpn_heads(opts=["MODEL.OHEM.MODE", mode, "MODEL.OHEM.READONLY_CHUNK_SIZE", 16])
+    proposals = [instances((64, 64), [], objectness_logits=[]) for _ in range(2)]
+    targets = [instances((64, 64), None, gt_boxes=[], gt_classes=torch.zeros(0, dtype=torch.long))] * 2
+    with EventStorage():
+        mined, losses = heads(None, random_fpn_features(), proposals, targets)
+    assert [len(m) for m in mined] == [0, 0]
+    assert all(torch.isfinite(v) and v == 0 for v in losses.values())

@@ -5,8 +5,8 @@ passes run different numbers of chunks. Used by tests/test_distributed_norm.py.
 
     python tests/two_rank_syncbn.py PORT
 
-Each rank prints ``rank R: C collectives`` (its all_reduce calls during the step); the exit code
-is 0 when both ranks finished.
+Each rank prints ``rank R: C collectives`` (its all_gather and all_reduce calls during the step:
+the synchronised norm's forward and backward); the exit code is 0 when both ranks finished.
 """
 import datetime
 import sys
@@ -20,15 +20,17 @@ PROPOSALS_PER_RANK = (20, 90)  # 2 and 6 chunks per image in the read-only pass
 
 
 def count_collectives():
-    """Count this process's all_reduce calls (the synchronised norm's collective)."""
+    """Count this process's all_gather and all_reduce calls (the synchronised norm's collectives)."""
     calls = []
-    all_reduce = dist.all_reduce
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return all_reduce(*args, **kwargs)
+    def counted(collective):
+        def call(*args, **kwargs):
+            calls.append(collective.__name__)
+            return collective(*args, **kwargs)
 
-    dist.all_reduce = counted
+        return call
+
+    dist.all_gather, dist.all_reduce = counted(dist.all_gather), counted(dist.all_reduce)
     return calls
 
 

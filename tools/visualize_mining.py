@@ -6,6 +6,7 @@ of every proposal, the read-only pass, the selection) and writes OUTPUT/<image i
 in white, mined foreground RoIs in green, mined background RoIs in red (orange where their IoU
 with every GT is below Fast R-CNN's bg_lo 0.1: RoIs the heuristic sampler would never show),
 thicker for harder. OUTPUT/mining.json holds every mined box with its label, IoU and hardness.
+For a cascade it draws what stage 0 mines from the proposals.
 
     python tools/visualize_mining.py --config-file configs/COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem.yaml \
         --weights output/model_final.pth --num-images 8 --output output/mining_vis
@@ -94,8 +95,6 @@ def main(argv=None):
         model = build_model(cfg)
         if not isinstance(model.roi_heads, OHEMMixin):
             raise ValueError(f"MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME!r} does not mine; use an OHEM config")
-        if not hasattr(model.roi_heads, "_box_predictions"):
-            raise ValueError(f"{cfg.MODEL.ROI_HEADS.NAME} is not supported here (FPN and C4 OHEM heads are)")
         if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise FileNotFoundError(f"checkpoint {cfg.MODEL.WEIGHTS!r} not found")
     except USER_ERRORS as e:
