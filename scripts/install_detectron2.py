@@ -49,6 +49,10 @@ REQUIRES = [
     "hydra-core>=1.1",
     "black",
     "packaging",
+    # detectron2.model_zoo imports pkg_resources (for its bundled configs), which setuptools
+    # removed in 82 (Detectron2 issue 5494). Declared here, as a requirement of the code we
+    # install, rather than patched out of upstream's code: pip then keeps a setuptools that has it.
+    "setuptools<82",
 ]
 
 
@@ -117,6 +121,9 @@ def main():
     existing = installed_detectron2()
     if existing and not args.force:
         print(f"Detectron2 found at {existing}: keeping it.")
+        if importlib.util.find_spec("pkg_resources") is None:
+            print("note: its detectron2.model_zoo needs pkg_resources, which setuptools >= 82 no longer "
+                  "has; to use model_zoo, pip install 'setuptools<82'")
         return
     with tempfile.TemporaryDirectory() as tmp:
         wheel = build_pure_python_wheel(download_source_wheel(tmp), tmp)
