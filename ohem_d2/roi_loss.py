@@ -49,7 +49,6 @@ def per_roi_box_regression_loss(box_predictor, proposal_deltas, proposal_boxes, 
             raise ValueError(f"OHEM: unsupported MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE {loss_type!r}")
         pred_boxes = transform.apply_deltas(deltas, proposal_boxes)
         loss = iou_losses[loss_type](pred_boxes, gt_boxes, reduction="none")
-    # where() rather than a product: a background RoI's placeholder target may give inf/nan.
     loss = torch.where(fg, loss, torch.zeros_like(loss))
     return loss * box_predictor.loss_weight.get("loss_box_reg", 1.0)
 
@@ -63,8 +62,12 @@ def per_roi_losses(box_predictor, predictions, proposals):
     scores, proposal_deltas = predictions
     gt_classes = torch.cat([p.gt_classes for p in proposals])
     proposal_boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
-    # Images without GT have no gt_boxes; their RoIs are background and the placeholder is unused.
     gt_boxes = torch.cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals])
+    # A background RoI's box loss is zeroed, but its gradient is still 0 x d(loss): finite only if
+    # the loss is. Its gt_boxes are a placeholder (a cascade's later stages give images without
+    # GT all-zero boxes, whose regression targets are infinite), so regress it onto itself.
+    is_fg = ((gt_classes >= 0) & (gt_classes < box_predictor.num_classes))[:, None]
+    gt_boxes = torch.where(is_fg, gt_boxes, proposal_boxes)
     return (
         per_roi_classification_loss(box_predictor, scores, gt_classes),
         per_roi_box_regression_loss(box_predictor, proposal_deltas, proposal_boxes, gt_boxes, gt_classes),

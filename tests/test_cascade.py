@@ -220,3 +220,17 @@ def test_heuristics_arm_ignores_rois_below_bg_lo_at_stage_0_only():
 def test_stage_0_threshold_must_be_the_first_cascade_iou():
     with pytest.raises(ValueError, match=r"MODEL\.ROI_HEADS\.IOU_THRESHOLDS = \[0\.1, 0\.6\] is invalid"):
         cascade_heads(["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.1, 0.6]], config=CASCADE_HEURISTICS)
+
+
+@pytest.mark.parametrize("mode", ["two_pass", "loss_zeroing"])
+def test_images_without_gt_give_finite_gradients_with_a_smooth_l1_beta(mode):
+    """Later stages give the RoIs of an image without GT placeholder boxes (zeros); their box
+    targets are infinite, which must not reach the gradient through the background's zeroed loss."""
+    heads = cascade_heads(["MODEL.OHEM.MODE", mode, "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA", 0.5,
+                           "MODEL.OHEM.BATCH_SIZE_PER_IMAGE", 8])
+    with EventStorage():
+        _, losses = heads(None, random_fpn_features(), random_proposals(), targets_with_masks(no_gt_images=(1,)))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    bad = [n for n, p in heads.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, bad
