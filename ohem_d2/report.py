@@ -1,7 +1,8 @@
 """Results of a comparison: gathered from each run's files, summarised, tabulated, plotted.
 
 Each run (one arm, one seed) is a Detectron2 output folder: ``metrics.json`` (losses, time per
-iteration, ``ohem/*`` diagnostics, ``peak_gpu_mem_mb``), ``eval_results.json`` (final AP) and
+iteration, ``ohem/*`` diagnostics, or ``stage{k}/ohem/*`` for each stage of a cascade,
+``peak_gpu_mem_mb``), ``eval_results.json`` (final AP; absent for a run without a test set) and
 ``run.json`` (wall time, written by the runner). Nothing here trains or evaluates; the report
 can be rebuilt from those files at any time.
 """
@@ -34,11 +35,36 @@ def read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def training_records(path):
+    """The per-iteration records of a ``metrics.json``, one per iteration, in iteration order.
+
+    A run resumed from a checkpoint repeats the iterations it had logged after that checkpoint;
+    the later record of an iteration (the one the resumed run trained on) replaces the earlier.
+    """
+    by_iteration = {r["iteration"]: r for r in read_metrics(path) if "iteration" in r}
+    return [by_iteration[it] for it in sorted(by_iteration)]
+
+
+def mining_scopes(records):
+    """The prefixes the mining diagnostics are logged under: "" for one box stage, "stage{k}/"
+    for each stage of a cascade."""
+    suffix = "ohem/fg_fraction_mined"
+    return sorted({k[: -len(suffix)] for r in records for k in r if k.endswith(suffix)})
+
+
+def scope_label(arm, scope):
+    """``arm`` in tables and plots, with the cascade stage of ``scope`` if any."""
+    return f"{arm} ({scope.rstrip('/').replace('stage', 'stage ')})" if scope else arm
+
+
 def summarize_run(run_dir):
     """One run's numbers: final AP metrics, loss curve, diagnostics, speed, memory, wall time."""
-    records = [r for r in read_metrics(os.path.join(run_dir, "metrics.json")) if "iteration" in r]
-    with open(os.path.join(run_dir, "eval_results.json")) as f:
-        evaluation = json.load(f)
+    records = training_records(os.path.join(run_dir, "metrics.json"))
+    eval_file = os.path.join(run_dir, "eval_results.json")
+    evaluation = {}
+    if os.path.isfile(eval_file):
+        with open(eval_file) as f:
+            evaluation = json.load(f)
     boxes = evaluation.get("bbox", {})
     with open(os.path.join(run_dir, "run.json")) as f:
         run = json.load(f)
@@ -50,7 +76,8 @@ def summarize_run(run_dir):
         "per_class_ap": {k[3:]: v for k, v in boxes.items() if k.startswith("AP-")},
         "loss": [(r["iteration"], r["total_loss"]) for r in records if "total_loss" in r],
         "diagnostics": {
-            key: [(r["iteration"], r[key]) for r in records if key in r] for key in DIAGNOSTICS
+            scope + key: [(r["iteration"], r[scope + key]) for r in records if scope + key in r]
+            for scope in mining_scopes(records) for key in DIAGNOSTICS
         },
         "s_per_iter": statistics.median(times) if times else None,
         "peak_gpu_mem_mb": max(peaks) if peaks else None,
@@ -79,7 +106,8 @@ def summarize_arm(runs):
     out = {"seeds": sorted(runs), "mean": {}, "std": {}}
     scalars = {k: [r["metrics"].get(k) for r in seeds] for k in AP_KEYS}
     scalars.update({k: [r[k] for r in seeds] for k in ("s_per_iter", "peak_gpu_mem_mb", "wall_time_s")})
-    scalars.update({k: [_tail_mean(r["diagnostics"][k]) for r in seeds] for k in DIAGNOSTICS})
+    diagnostics = sorted(set(DIAGNOSTICS) | {k for r in seeds for k in r["diagnostics"]})
+    scalars.update({k: [_tail_mean(r["diagnostics"].get(k)) for r in seeds] for k in diagnostics})
     classes = sorted({c for r in seeds for c in r["per_class_ap"]})
     scalars.update({f"AP-{c}": [r["per_class_ap"].get(c) for r in seeds] for c in classes})
     for key, values in scalars.items():
@@ -123,14 +151,21 @@ def markdown_table(results):
             ]
             lines.append(f"| {c} | {_fmt(ref)} | " + " | ".join(deltas) + " |")
 
-    mining = [n for n in names if arms[n]["mean"].get("ohem/fg_fraction_mined") is not None]
+    mining = [(n, scope) for n in names for scope in _arm_scopes(arms[n])]
     if mining:
         lines += ["", "Mining diagnostics (mean of the last 20% of logged iterations).", "",
                   "| arm | " + " | ".join(DIAGNOSTICS.values()) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
-        for n in mining:
+        for n, scope in mining:
             m, s, k = arms[n]["mean"], arms[n]["std"], len(arms[n]["seeds"])
-            lines.append(f"| {n} | " + " | ".join(_fmt(m[d], s[d], 3, k) for d in DIAGNOSTICS) + " |")
+            cells = [_fmt(m.get(scope + d), s.get(scope + d), 3, k) for d in DIAGNOSTICS]
+            lines.append(f"| {scope_label(n, scope)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _arm_scopes(arm_summary):
+    """The mining scopes an arm's summary has values for ("" or "stage{k}/")."""
+    suffix = "ohem/fg_fraction_mined"
+    return sorted(k[: -len(suffix)] for k, v in arm_summary["mean"].items() if k.endswith(suffix) and v is not None)
 
 
 def _mean_curve(series_per_seed):
@@ -170,17 +205,20 @@ def plot(results, runs, out_dir):
     ax.tick_params(axis="x", labelrotation=20)
     paths.append(_save(fig, out_dir, "ap.png"))
 
-    mining = {a: s for a, s in runs.items() if any(r["diagnostics"]["ohem/fg_fraction_mined"] for r in s.values())}
+    mining = [(arm, scope, seeds) for arm, seeds in runs.items() for scope in _arm_scopes(results["arms"][arm])]
     if mining:
         keys = ["ohem/fg_fraction_mined", "ohem/bg_below_bg_lo_share", "ohem/nms_removed_per_image",
                 "ohem/loss_mined_mean"]
         fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for ax, key in zip(axes.flat, keys):
-            for colour, (arm, seeds) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], mining.items()):
-                its, values = _mean_curve([r["diagnostics"][key] for r in seeds.values()])
-                ax.plot(its, values, label=arm, color=colour)
+            for i, (arm, scope, seeds) in enumerate(mining):
+                colour = colours[i % len(colours)]
+                its, values = _mean_curve([r["diagnostics"].get(scope + key, []) for r in seeds.values()])
+                ax.plot(its, values, label=scope_label(arm, scope), color=colour)
                 if key == "ohem/loss_mined_mean":  # against the mean over all candidates, dashed
-                    its, values = _mean_curve([r["diagnostics"]["ohem/loss_all_mean"] for r in seeds.values()])
+                    all_rois = scope + "ohem/loss_all_mean"
+                    its, values = _mean_curve([r["diagnostics"].get(all_rois, []) for r in seeds.values()])
                     ax.plot(its, values, linestyle="--", color=colour)
             ax.set(xlabel="iteration", title=DIAGNOSTICS[key] + (" (dashed: all RoIs)" if key.endswith("mined_mean") else ""))
         axes.flat[0].legend()

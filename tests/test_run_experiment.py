@@ -93,3 +93,48 @@ def test_visualize_mining_draws_the_mined_rois(tmp_path):
         assert hardness == sorted(hardness, reverse=True)  # hardest first
         png = cv2.imread(str(out / image["png"]))
         assert list(png.shape[:2]) == image["size_drawn"]
+
+
+
+def coco128_subset(root, split, count, out):
+    """The first ``count`` images of a coco128 split as a COCO JSON file at ``out``."""
+    coco = json.loads((root / "annotations" / f"instances_{split}2017.json").read_text())
+    coco["images"] = coco["images"][:count]
+    ids = {im["id"] for im in coco["images"]}
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in ids]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(coco))
+
+
+def test_runner_started_elsewhere_resolves_relative_paths_in_the_callers_directory(tmp_path):
+    """--register-coco paths and DETECTRON2_DATASETS, relative to where the runner was started,
+    mean the same files in its children (which run in the repository root)."""
+    root = require_coco128()
+    caller = tmp_path / "caller"
+    builtin = caller / "builtin" / "coco"  # Detectron2's layout for its builtin coco_2017_val_100
+    coco128_subset(root, "train", 4, builtin / "annotations" / "instances_val2017_100.json")
+    (builtin / "val2017").symlink_to(root / "train2017")
+    coco128_subset(root, "val", 2, caller / "data" / "val.json")
+    (caller / "data" / "images").symlink_to(root / "val2017")
+    args = ["--config-file", CONFIGS / "Synthetic-Detection/faster_rcnn_R_18_FPN_scratch.yaml",
+            "--register-coco", "rel_val", "data/val.json", "data/images", "--arms", "stock",
+            "--output", "exp", "--parallel", 1, *TINY_RUN[6:], "SOLVER.MAX_ITER", 2,
+            "DATASETS.TRAIN", "('coco_2017_val_100',)", "DATASETS.TEST", "('rel_val',)",
+            "MODEL.ROI_HEADS.NUM_CLASSES", 80]
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "run_experiment.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=900, cwd=caller,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS="builtin"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    argv = json.loads((caller / "exp" / "stock" / "seed_0" / "run.json").read_text())["argv"]
+    assert str(caller / "data" / "val.json") in argv and str(caller / "data" / "images") in argv
+    assert (caller / "exp" / "stock" / "seed_0" / "eval_results.json").is_file()
+
+
+def test_a_run_without_a_test_set_finishes_and_is_skipped_next_time(tmp_path):
+    args = ["--output", tmp_path / "exp", "--data-root", tmp_path / "data", "--arms", "stock", "--parallel", 1,
+            *TINY_RUN, "SOLVER.MAX_ITER", 2, "DATASETS.TEST", "()"]
+    done = run_tool("run_experiment.py", *args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| stock | 1 | n/a |" in (tmp_path / "exp" / "results.md").read_text()
+    again = run_tool("run_experiment.py", *args)
+    assert again.returncode == 0 and "[stock seed 0] finished earlier: skipped" in again.stdout, again.stderr[-2000:]

@@ -102,7 +102,12 @@ def processes_per_run(args):
 def plan_runs(args):
     """The runs of the experiment: {(arm, seed): (run_dir, train_net argv)}, and the experiment spec."""
     config = os.path.abspath(args.config_file or DEFAULT_CONFIG)
-    register_coco = [list(e) for e in args.register_coco]
+    # The children run in the repository root: every path they get is made absolute here, against
+    # the caller's directory, where it was meant (and where build_config checks it).
+    register_coco = [[name, os.path.abspath(json_file), os.path.abspath(image_root)]
+                     for name, json_file, image_root in args.register_coco]
+    register_voc = [[name, os.path.abspath(dirname), split, classes]
+                    for name, dirname, split, classes in args.register_voc]
     synthetic = None
     if not args.config_file or args.synthetic:  # the embedded dataset, at the requested settings
         entries, synthetic = synthetic_registration(args)
@@ -113,7 +118,7 @@ def plan_runs(args):
         opts = ["MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu"] + opts
     for entry in register_coco:
         common += ["--register-coco", *entry]
-    for entry in args.register_voc:
+    for entry in register_voc:
         common += ["--register-voc", *entry]
     base = build_config(train_argument_parser().parse_args(common + opts))
     output = os.path.abspath(args.output or os.path.join("output", "experiment_" + os.path.splitext(os.path.basename(config))[0]))
@@ -184,9 +189,8 @@ class Run:
 
     @property
     def done(self):
-        return run_state(self.run_dir).get("status") == "done" and os.path.isfile(
-            os.path.join(self.run_dir, "eval_results.json")
-        )
+        """Trained (and evaluated, if the config has a test set): train_net.py exited with 0."""
+        return run_state(self.run_dir).get("status") == "done"
 
     def start(self, env, port=None):
         """Start training in ``env``; a multi-process run meets its processes at ``port``, which is
@@ -291,8 +295,12 @@ def free_port(taken=()):
 
 
 def child_environment(parallel):
-    """Split the CPU cores among the concurrent runs, unless the user chose OMP_NUM_THREADS."""
+    """Split the CPU cores among the concurrent runs, unless the user chose OMP_NUM_THREADS; and
+    Detectron2's builtin datasets looked up where the caller would find them (the children run in
+    the repository root, so a relative ``DETECTRON2_DATASETS``, or its default ``datasets``, is
+    made absolute against the caller's directory)."""
     env = dict(os.environ)
+    env["DETECTRON2_DATASETS"] = os.path.abspath(os.path.expanduser(env.get("DETECTRON2_DATASETS", "datasets")))
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     env["PYTHONPATH"] = os.pathsep.join(p for p in [REPO, env.get("PYTHONPATH")] if p)
