@@ -24,6 +24,7 @@ outputs, checkpoints interchangeable.
 """
 import contextlib
 import logging
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
@@ -36,7 +37,7 @@ from detectron2.modeling.roi_heads import (
     StandardROIHeads,
     select_foreground_proposals,
 )
-from detectron2.structures import Instances
+from detectron2.structures import ImageList, Instances
 
 from .config import OHEMSettings
 from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats
@@ -285,9 +286,28 @@ class OHEMROIHeads(OHEMMixin, StandardROIHeads):
         boxes = [p.proposal_boxes for p in proposals]
         return self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
 
-    def forward(self, images, features, proposals, targets=None):
-        if not self.training:
-            return super().forward(images, features, proposals, targets)
+    # Constants for TorchScript, as Detectron2's TorchScript patch makes them in StandardROIHeads
+    # (class annotations are not inherited), so that scripting compiles only the heads it has.
+    mask_on: torch.jit.Final[bool]
+    keypoint_on: torch.jit.Final[bool]
+
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
+        if self.training:
+            return self._forward_training(features, proposals, targets)
+        # StandardROIHeads.forward's inference, written out: TorchScript cannot compile super().
+        pred_instances = self._forward_box(features, proposals)
+        pred_instances = self.forward_with_given_boxes(features, pred_instances)
+        return pred_instances, {}
+
+    @torch.jit.unused
+    def _forward_training(self, features, proposals, targets):
+        """OHEM's training step: label every proposal, mine, train the heads on the mined RoIs."""
         proposals = self.label_and_sample_proposals(proposals, targets)
         box_features = [features[f] for f in self.box_in_features]
         if self.ohem.mode == "two_pass":
@@ -321,9 +341,28 @@ class OHEMRes5ROIHeads(OHEMMixin, Res5ROIHeads):
             mask_features = self._shared_roi_transform(features, [p.proposal_boxes for p in fg_proposals])
         return self.mask_head(mask_features, fg_proposals)
 
-    def forward(self, images, features, proposals, targets=None):
-        if not self.training:
-            return super().forward(images, features, proposals, targets)
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ):
+        if self.training:
+            return self._forward_training(features, proposals, targets)
+        # Res5ROIHeads.forward's inference, written out: TorchScript cannot compile super().
+        box_features = self._shared_roi_transform(
+            [features[f] for f in self.in_features], [x.proposal_boxes for x in proposals]
+        )
+        predictions = self.box_predictor(box_features.mean(dim=[2, 3]))
+        pred_instances, _ = self.box_predictor.inference(predictions, proposals)
+        pred_instances = self.forward_with_given_boxes(features, pred_instances)
+        return pred_instances, {}
+
+    @torch.jit.unused
+    def _forward_training(self, features, proposals, targets):
+        """OHEM's training step: label every proposal, mine, train res5 and the mask head on the
+        mined RoIs."""
         proposals = self.label_and_sample_proposals(proposals, targets)
         features = [features[f] for f in self.in_features]
         if self.ohem.mode == "two_pass":
