@@ -74,3 +74,55 @@ def arm_overrides(arm, base_head):
 
 def describe(arm):
     return ARMS[arm][0]
+
+
+# LazyConfig: a yacs arm override -> where it goes in a LazyConfig model's roi_heads.
+_LAZY_KEYS = {
+    "MODEL.ROI_HEADS.IOU_THRESHOLDS": ("proposal_matcher", "thresholds"),
+    "MODEL.ROI_HEADS.IOU_LABELS": ("proposal_matcher", "labels"),
+    "MODEL.ROI_HEADS.POSITIVE_FRACTION": ("positive_fraction",),
+}
+
+
+def _head_classes():
+    """Registered ROI head name -> class, for a LazyConfig's ``_target_``."""
+    from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
+
+    from . import roi_heads  # noqa: F401 (registers the OHEM heads)
+
+    return {name: cls for name, cls in ROI_HEADS_REGISTRY}
+
+
+def apply_arm_to_lazy_model(model, arm):
+    """Turn a LazyConfig ``model`` (a GeneralizedRCNN with FPN or C4 RoI heads, stock or OHEM)
+    into ``arm``, in place, with the very overrides :func:`arm_overrides` gives a yacs config:
+    the RoI head class, its matcher's thresholds and labels, its positive fraction, and the
+    ``ohem`` settings (an OHEMSettings node, added for an OHEM arm and removed for the others).
+    Returns ``model``."""
+    from detectron2.config import LazyCall
+
+    from .config import OHEMSettings
+
+    heads = model.roi_heads
+    target = heads._target_
+    name = target.rsplit(".", 1)[-1] if isinstance(target, str) else target.__name__
+    if "proposal_matcher" not in heads:
+        raise UnknownArmError(f"model.roi_heads {name!r} has no proposal_matcher (a cascade?): LazyConfig arms "
+                              "support the FPN and C4 heads (StandardROIHeads, Res5ROIHeads and their OHEM heads)")
+    overrides = arm_overrides(arm, name)
+    pairs = dict(zip(overrides[::2], overrides[1::2]))
+    heads._target_ = _head_classes()[pairs.pop("MODEL.ROI_HEADS.NAME")]
+    if "ohem" in heads:
+        del heads["ohem"]
+    if ARMS[arm][1] == "ohem":
+        heads.ohem = LazyCall(OHEMSettings)()
+    for key, value in pairs.items():
+        if key.startswith("MODEL.OHEM."):
+            heads.ohem[key[len("MODEL.OHEM."):].lower()] = value
+        else:
+            node = heads
+            *parents, leaf = _LAZY_KEYS[key]
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+    return model

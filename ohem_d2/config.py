@@ -1,10 +1,13 @@
-"""``MODEL.OHEM.*``: the config keys OHEM adds to Detectron2, and their validation.
+"""The settings OHEM adds to Detectron2, their defaults and their validation, for both config systems.
 
-Validation happens here, when the model is built, so that a bad value stops the
-run with a message naming the key and the fix, not with a traceback from deep
+:class:`OHEMSettings` is the one definition: its fields are the ``MODEL.OHEM.*`` keys of a yacs
+config in lower case (``add_ohem_config`` adds them, with these defaults), and a LazyConfig uses
+it directly: ``L(OHEMROIHeads)(..., ohem=L(OHEMSettings)(nms_thresh=0.5))``, or no ``ohem`` at
+all for the paper's settings. It validates itself when made, so a bad value stops the run with
+one line naming the key and the fix, when the model is built, not with a traceback from deep
 inside a training step.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from detectron2.config import CfgNode as CN
 
@@ -20,81 +23,85 @@ class OHEMConfigError(ValueError):
     """A ``MODEL.OHEM.*`` (or related) config value that OHEM cannot run with."""
 
 
-def add_ohem_config(cfg):
-    """Add the ``MODEL.OHEM`` node to ``cfg`` (call before ``merge_from_file``)."""
-    cfg.MODEL.OHEM = CN()
-    # Hard RoIs kept per image (the paper's B/N). 0: same as MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
-    # so that switching a config to OHEM keeps its RoI budget.
-    cfg.MODEL.OHEM.BATCH_SIZE_PER_IMAGE = 0
+@dataclass(frozen=True)
+class OHEMSettings:
+    """How an OHEM head mines; the defaults are the paper's (Shrivastava et al., 2016, Sec. 4)."""
+
+    # Hard RoIs kept per image (the paper's B/N). 0: the head's own batch_size_per_image
+    # (MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE), so that switching a config to OHEM keeps its budget.
+    batch_size_per_image: int = 0
     # IoU of the NMS that removes near-duplicate RoIs before ranking (paper: 0.7); 1.0 disables it.
-    cfg.MODEL.OHEM.NMS_THRESH = 0.7
+    nms_thresh: float = 0.7
     # Per-RoI loss that ranks RoIs: "cls_box" (paper: classification + box regression) or "cls".
-    cfg.MODEL.OHEM.LOSS = "cls_box"
+    loss: str = "cls_box"
     # "two_pass": read-only pass on all RoIs, trainable pass on the hard ones (the paper's method).
     # "loss_zeroing": one trainable pass on all RoIs, losses of the others zeroed (the naive
     # method the paper argues against; same gradients, more memory and time).
-    cfg.MODEL.OHEM.MODE = "two_pass"
+    mode: str = "two_pass"
     # RoIs per chunk of the read-only pass: bounds its peak memory (nothing of it is kept for the
     # backward pass). 0 runs all RoIs at once.
-    cfg.MODEL.OHEM.READONLY_CHUNK_SIZE = 1024
+    readonly_chunk_size: int = 1024
     # Precision of the read-only pass in fp32 training ("bfloat16"/"float16" is opt-in: it changes
-    # the ranking only by rounding). Under SOLVER.AMP the pass follows the autocast.
-    cfg.MODEL.OHEM.READONLY_DTYPE = "float32"
+    # the ranking only by rounding). Under AMP the pass follows the autocast.
+    readonly_dtype: str = "float32"
     # Record mining statistics in the EventStorage (metrics.json, TensorBoard) every iteration.
-    cfg.MODEL.OHEM.LOG_DIAGNOSTICS = True
+    log_diagnostics: bool = True
     # How the hard RoIs are chosen after the NMS, a name in ohem_d2.OHEM_SELECTION_REGISTRY:
     # "per_image" (paper: the B/N hardest of each image), "per_batch" (the N * B/N hardest of the
     # batch), "stratified" (per image, foreground / background quotas filled by hardness), or one
     # you registered. See docs/STRATEGIES.md.
-    cfg.MODEL.OHEM.SELECTION = "per_image"
+    selection: str = "per_image"
     # What "hard" means, a name in ohem_d2.OHEM_HARDNESS_REGISTRY: "loss" (paper: the per-RoI loss
-    # per MODEL.OHEM.LOSS) or "probability" (1 - p(true class)), or one you registered.
-    cfg.MODEL.OHEM.HARDNESS = "loss"
+    # per LOSS) or "probability" (1 - p(true class)), or one you registered.
+    hardness: str = "loss"
     # "stratified" only: the foreground share of each image's budget (as POSITIVE_FRACTION).
-    cfg.MODEL.OHEM.FG_FRACTION = 0.25
+    fg_fraction: float = 0.25
     # Hard positives: each image keeps at least its floor(MIN_FG_FRACTION * B/N) hardest foreground
     # RoIs (all of them if it has fewer), the rest of the budget by hardness. 0.0: off.
-    cfg.MODEL.OHEM.MIN_FG_FRACTION = 0.0
-
-
-@dataclass(frozen=True)
-class OHEMSettings:
-    """The validated ``MODEL.OHEM`` values a head mines with."""
-
-    batch_size_per_image: int
-    nms_thresh: float
-    loss: str
-    mode: str
-    readonly_chunk_size: int
-    readonly_dtype: str
-    log_diagnostics: bool
-    selection: str = "per_image"
-    hardness: str = "loss"
-    fg_fraction: float = 0.25
     min_fg_fraction: float = 0.0
+
+    def __post_init__(self):
+        _validate(self)
+        for name in ("nms_thresh", "fg_fraction", "min_fg_fraction"):  # 1 -> 1.0, as yacs may give
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
     def from_config(cls, cfg):
+        """The settings of a yacs config's ``MODEL.OHEM`` node (validated)."""
         if "OHEM" not in cfg.MODEL:
             raise OHEMConfigError(
                 "the config has no MODEL.OHEM node: call ohem_d2.add_ohem_config(cfg) "
                 "before cfg.merge_from_file(...)"
             )
-        validate_ohem_config(cfg)
-        o = cfg.MODEL.OHEM
-        return cls(
-            batch_size_per_image=o.BATCH_SIZE_PER_IMAGE or cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
-            nms_thresh=float(o.NMS_THRESH),
-            loss=o.LOSS,
-            mode=o.MODE,
-            readonly_chunk_size=o.READONLY_CHUNK_SIZE,
-            readonly_dtype=o.READONLY_DTYPE,
-            log_diagnostics=bool(o.LOG_DIAGNOSTICS),
-            selection=o.SELECTION,
-            hardness=o.HARDNESS,
-            fg_fraction=float(o.FG_FRACTION),
-            min_fg_fraction=float(o.MIN_FG_FRACTION),
-        )
+        return cls(**{f.name: cfg.MODEL.OHEM[f.name.upper()] for f in fields(cls)})
+
+    def resolved(self, head_batch_size_per_image):
+        """These settings with ``batch_size_per_image`` 0 replaced by the head's own."""
+        if self.batch_size_per_image:
+            return self
+        _check(_is_int(head_batch_size_per_image) and head_batch_size_per_image >= 1,
+               "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", head_batch_size_per_image,
+               "an integer >= 1 (or set MODEL.OHEM.BATCH_SIZE_PER_IMAGE)")
+        return OHEMSettings(**{**self.__dict__, "batch_size_per_image": head_batch_size_per_image})
+
+
+def add_ohem_config(cfg):
+    """Add the ``MODEL.OHEM`` node to ``cfg`` (call before ``merge_from_file``), with the defaults
+    and meanings of :class:`OHEMSettings`' fields."""
+    cfg.MODEL.OHEM = CN({f.name.upper(): f.default for f in fields(OHEMSettings)})
+
+
+def validate_ohem_config(cfg):
+    """Raise :class:`OHEMConfigError` naming the first bad ``MODEL.OHEM`` (or related) value."""
+    OHEMSettings.from_config(cfg)
+    check_box_predictor_for_ohem(cfg.MODEL.ROI_BOX_HEAD.get("USE_FED_LOSS", False))
+
+
+def check_box_predictor_for_ohem(use_fed_loss):
+    """The box predictor settings OHEM cannot rank RoIs with."""
+    _check(not use_fed_loss, "MODEL.ROI_BOX_HEAD.USE_FED_LOSS", True,
+           "False with OHEM (the federated loss samples classes per batch, so it has no per-RoI "
+           "loss to rank by)")
 
 
 def _check(ok, key, value, expected):
@@ -110,42 +117,34 @@ def _is_fraction(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
 
 
-def validate_ohem_config(cfg):
-    """Raise :class:`OHEMConfigError` naming the first bad ``MODEL.OHEM`` value and its fix."""
-    o = cfg.MODEL.OHEM
-    _check(_is_int(o.BATCH_SIZE_PER_IMAGE) and o.BATCH_SIZE_PER_IMAGE >= 0,
-           "MODEL.OHEM.BATCH_SIZE_PER_IMAGE", o.BATCH_SIZE_PER_IMAGE,
+def _validate(s):
+    """Raise :class:`OHEMConfigError` naming the first bad value of ``s`` and its fix."""
+    _check(_is_int(s.batch_size_per_image) and s.batch_size_per_image >= 0,
+           "MODEL.OHEM.BATCH_SIZE_PER_IMAGE", s.batch_size_per_image,
            "an integer >= 1 (hard RoIs kept per image), or 0 for MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE")
-    if o.BATCH_SIZE_PER_IMAGE == 0:
-        b = cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
-        _check(_is_int(b) and b >= 1, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", b,
-               "an integer >= 1 (or set MODEL.OHEM.BATCH_SIZE_PER_IMAGE)")
-    _check(isinstance(o.NMS_THRESH, (int, float)) and not isinstance(o.NMS_THRESH, bool)
-           and 0.0 < o.NMS_THRESH <= 1.0,
-           "MODEL.OHEM.NMS_THRESH", o.NMS_THRESH, "an IoU in (0, 1] (paper: 0.7; 1.0 turns the NMS off)")
-    _check(o.LOSS in LOSSES, "MODEL.OHEM.LOSS", o.LOSS, f"one of {LOSSES}")
-    _check(o.MODE in MODES, "MODEL.OHEM.MODE", o.MODE, f"one of {MODES}")
-    _check(_is_int(o.READONLY_CHUNK_SIZE) and o.READONLY_CHUNK_SIZE >= 0,
-           "MODEL.OHEM.READONLY_CHUNK_SIZE", o.READONLY_CHUNK_SIZE,
+    _check(isinstance(s.nms_thresh, (int, float)) and not isinstance(s.nms_thresh, bool)
+           and 0.0 < s.nms_thresh <= 1.0,
+           "MODEL.OHEM.NMS_THRESH", s.nms_thresh, "an IoU in (0, 1] (paper: 0.7; 1.0 turns the NMS off)")
+    _check(s.loss in LOSSES, "MODEL.OHEM.LOSS", s.loss, f"one of {LOSSES}")
+    _check(s.mode in MODES, "MODEL.OHEM.MODE", s.mode, f"one of {MODES}")
+    _check(_is_int(s.readonly_chunk_size) and s.readonly_chunk_size >= 0,
+           "MODEL.OHEM.READONLY_CHUNK_SIZE", s.readonly_chunk_size,
            "an integer >= 1 (RoIs per chunk of the read-only pass), or 0 for no chunking")
-    _check(o.READONLY_DTYPE in READONLY_DTYPES, "MODEL.OHEM.READONLY_DTYPE", o.READONLY_DTYPE,
+    _check(s.readonly_dtype in READONLY_DTYPES, "MODEL.OHEM.READONLY_DTYPE", s.readonly_dtype,
            f"one of {READONLY_DTYPES}")
-    _check(isinstance(o.LOG_DIAGNOSTICS, bool), "MODEL.OHEM.LOG_DIAGNOSTICS", o.LOG_DIAGNOSTICS,
+    _check(isinstance(s.log_diagnostics, bool), "MODEL.OHEM.LOG_DIAGNOSTICS", s.log_diagnostics,
            "True or False")
-    _check(isinstance(o.SELECTION, str) and o.SELECTION in OHEM_SELECTION_REGISTRY,
-           "MODEL.OHEM.SELECTION", o.SELECTION,
+    _check(isinstance(s.selection, str) and s.selection in OHEM_SELECTION_REGISTRY,
+           "MODEL.OHEM.SELECTION", s.selection,
            f"one of the registered selection strategies {registered_strategies()} (add your own "
            "with @ohem_d2.OHEM_SELECTION_REGISTRY.register() before building the model)")
-    _check(isinstance(o.HARDNESS, str) and o.HARDNESS in OHEM_HARDNESS_REGISTRY,
-           "MODEL.OHEM.HARDNESS", o.HARDNESS,
+    _check(isinstance(s.hardness, str) and s.hardness in OHEM_HARDNESS_REGISTRY,
+           "MODEL.OHEM.HARDNESS", s.hardness,
            f"one of the registered hardness definitions {registered_hardness()} (add your own "
            "with @ohem_d2.OHEM_HARDNESS_REGISTRY.register() before building the model)")
-    _check(_is_fraction(o.FG_FRACTION), "MODEL.OHEM.FG_FRACTION", o.FG_FRACTION,
+    _check(_is_fraction(s.fg_fraction), "MODEL.OHEM.FG_FRACTION", s.fg_fraction,
            "a fraction in [0, 1] (the foreground share of each image's budget under "
            "SELECTION \"stratified\")")
-    _check(_is_fraction(o.MIN_FG_FRACTION), "MODEL.OHEM.MIN_FG_FRACTION", o.MIN_FG_FRACTION,
+    _check(_is_fraction(s.min_fg_fraction), "MODEL.OHEM.MIN_FG_FRACTION", s.min_fg_fraction,
            "a fraction in [0, 1] (the share of each image's budget reserved for its hardest "
            "foreground RoIs; 0.0 turns it off)")
-    _check(not cfg.MODEL.ROI_BOX_HEAD.get("USE_FED_LOSS", False), "MODEL.ROI_BOX_HEAD.USE_FED_LOSS",
-           True, "False with OHEM (the federated loss samples classes per batch, so it has no per-RoI "
-           "loss to rank by)")

@@ -39,7 +39,7 @@ from detectron2.modeling.roi_heads import (
 )
 from detectron2.structures import ImageList, Instances
 
-from .config import OHEMSettings
+from .config import OHEMSettings, check_box_predictor_for_ohem
 from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats
 from .hardness import OHEM_HARDNESS_REGISTRY, HardnessInputs
 from .roi_loss import per_roi_losses
@@ -59,14 +59,22 @@ class OHEMMixin:
     """
 
     @configurable
-    def __init__(self, *, ohem: OHEMSettings, **kwargs):
+    def __init__(self, *, ohem: OHEMSettings = OHEMSettings(), **kwargs):
+        """``ohem``: how to mine (the paper's way by default); every other argument is the parent
+        head's."""
         super().__init__(**kwargs)
-        self.ohem = ohem
-        logger.info(f"{type(self).__name__}: {ohem}")
+        self.ohem = ohem.resolved(self.batch_size_per_image)
+        predictors = self.box_predictor if isinstance(self.box_predictor, torch.nn.ModuleList) else [self.box_predictor]
+        for predictor in predictors:
+            check_box_predictor_for_ohem(getattr(predictor, "use_fed_loss", False))
+        logger.info(f"{type(self).__name__}: {self.ohem}")
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ohem = OHEMSettings.from_config(cfg)  # validate before the parent builds anything
+        # Validated before the parent builds anything (a federated-loss predictor needs dataset
+        # metadata to be built at all).
+        ohem = OHEMSettings.from_config(cfg)
+        check_box_predictor_for_ohem(cfg.MODEL.ROI_BOX_HEAD.get("USE_FED_LOSS", False))
         return {**super().from_config(cfg, input_shape), "ohem": ohem}
 
     def _box_predictor_at(self, stage):
