@@ -11,6 +11,9 @@ setup(
     version="0.1.0",
     description="Online Hard Example Mining (Shrivastava et al., CVPR 2016) for Detectron2",
     packages=find_packages(include=["ohem_d2", "ohem_d2.*"]),
+    # The configs ship in the package (ohem_d2/model_zoo/configs links to configs/), so that an
+    # installed ohem_d2 finds them: ohem_d2.model_zoo.get_config_file(...).
+    package_data={"ohem_d2.model_zoo": ["configs/*.yaml", "configs/**/*.yaml", "configs/**/*.py"]},
     python_requires=">=3.8",
     install_requires=[
         "detectron2",
