@@ -1,5 +1,6 @@
 """ohem_d2.model_zoo: the configs found from the package, in a checkout and from a built wheel."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -43,8 +44,11 @@ print("found", path)
 
 def test_a_built_wheel_carries_the_configs(tmp_path):
     """Not the editable checkout: a wheel built from it, installed apart, used from elsewhere."""
+    source = tmp_path / "source"  # built from a copy: a build leaves build/ and *.egg-info behind
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "output", "datasets", "build", "*.egg-info", "__pycache__", "docs", ".whl", ".gpu_data"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=600)
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("ohem_d2-*.whl")
     site = tmp_path / "site"
