@@ -3,16 +3,32 @@
 Each run (one arm, one seed) is a Detectron2 output folder: ``metrics.json`` (losses, time per
 iteration, ``ohem/*`` diagnostics, or ``stage{k}/ohem/*`` for each stage of a cascade,
 ``peak_gpu_mem_mb``), ``eval_results.json`` (final AP; absent for a run without a test set) and
-``run.json`` (wall time, written by the runner). Nothing here trains or evaluates; the report
-can be rebuilt from those files at any time.
+``run.json`` (wall time, written by the runner). Where the run's test set records its unlabelled
+look-alikes (the synthetic generator does), the detections the COCO evaluator saved
+(``inference/<test set>/coco_instances_results.json``) give the false positives on them
+(``ohem_d2/lookalikes.py``); ``config.yaml`` says which test set and JSON file that is. Nothing
+here trains or evaluates; the report can be rebuilt from those files at any time.
+
+Arms are compared paired: runs of the same seed share initialisation and data order, so the
+per-seed difference to a reference arm removes what the seed alone changes, and the mean
+difference gets a Student t confidence interval over the seeds both arms ran.
 """
 import json
-import math
 import os
 import statistics
 from collections import OrderedDict
 
+import yaml
+
+from .lookalikes import IOU_THRESHOLD, SCORE_THRESHOLD, lookalike_false_positives, records_lookalikes
+from .paired import BETTER, CONFIDENCE, NO_DIFFERENCE, NO_PAIRS, ONE_SEED, WORSE, is_number, paired_difference
+
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+FP_KEY = "fp_lookalikes_per_image"  # false positives on look-alikes per test image
+FP_LABEL = "FP on look-alikes / image"
+# The metrics compared paired against the reference arm, and how many decimals they are shown with.
+PAIRED_DIGITS = OrderedDict([("AP", 2), ("AP50", 2), ("AP75", 2), (FP_KEY, 3)])
+LOWER_IS_BETTER = {FP_KEY}
 # Mining diagnostics shown in the table and plots, with their labels.
 DIAGNOSTICS = OrderedDict(
     [
@@ -57,8 +73,71 @@ def scope_label(arm, scope):
     return f"{arm} ({scope.rstrip('/').replace('stage', 'stage ')})" if scope else arm
 
 
-def summarize_run(run_dir):
-    """One run's numbers: final AP metrics, loss curve, diagnostics, speed, memory, wall time."""
+def read_json(path):
+    """The content of a JSON file (a test set, or the detections saved by the COCO evaluator)."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def json_reader():
+    """``read_json`` that reads each file once: all runs of an experiment share one test set."""
+    loaded = {}
+
+    def read(path):
+        if path not in loaded:
+            loaded[path] = read_json(path)
+        return loaded[path]
+
+    return read
+
+
+class LookalikesUnavailable(Exception):
+    """Why a run has no count of false positives on look-alikes (said in results.json)."""
+
+
+def lookalike_inputs(run_dir):
+    """The detections file and test-set JSON of a run's first test set, from its config.yaml.
+
+    Raises ``LookalikesUnavailable`` when the run has no test set, no saved detections, or a
+    test set that is not a ``DATASETS.REGISTER_COCO`` entry (Detectron2's builtin datasets
+    record no look-alikes).
+    """
+    config_file = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_file):
+        raise LookalikesUnavailable("no config.yaml in the run folder")
+    with open(config_file) as f:
+        datasets = (yaml.safe_load(f) or {}).get("DATASETS", {})
+    if not datasets.get("TEST"):
+        raise LookalikesUnavailable("no test set")
+    name = datasets["TEST"][0]
+    detections = os.path.join("inference", name, "coco_instances_results.json")
+    if not os.path.isfile(os.path.join(run_dir, detections)):
+        raise LookalikesUnavailable(f"no detections file {detections}")
+    json_files = {entry[0]: entry[1] for entry in datasets.get("REGISTER_COCO", [])}
+    if name not in json_files:
+        raise LookalikesUnavailable(f"test set {name!r} is not a DATASETS.REGISTER_COCO entry")
+    if not os.path.isfile(json_files[name]):
+        raise LookalikesUnavailable(f"test set JSON {json_files[name]} not found")
+    return os.path.join(run_dir, detections), json_files[name]
+
+
+def summarize_lookalikes(run_dir, read_test_set=read_json, score_threshold=SCORE_THRESHOLD):
+    """The run's false positives on look-alikes (``lookalike_false_positives``, plus the test-set
+    JSON they were counted against), or ``{"unavailable": why}``."""
+    try:
+        detections_file, test_json = lookalike_inputs(run_dir)
+        coco = read_test_set(test_json)
+        if not records_lookalikes(coco):
+            raise LookalikesUnavailable("the test set JSON records no look-alikes")
+        counts = lookalike_false_positives(read_json(detections_file), coco, score_threshold)
+    except (LookalikesUnavailable, ValueError) as e:  # ValueError: unreadable or mismatched files
+        return {"unavailable": str(e)}
+    return {"test_json": test_json, **counts}
+
+
+def summarize_run(run_dir, read_test_set=read_json, score_threshold=SCORE_THRESHOLD):
+    """One run's numbers: final AP metrics, loss curve, diagnostics, speed, memory, wall time,
+    false positives on look-alikes (detections scoring at least ``score_threshold``)."""
     records = training_records(os.path.join(run_dir, "metrics.json"))
     eval_file = os.path.join(run_dir, "eval_results.json")
     evaluation = {}
@@ -82,14 +161,46 @@ def summarize_run(run_dir):
         "s_per_iter": statistics.median(times) if times else None,
         "peak_gpu_mem_mb": max(peaks) if peaks else None,
         "wall_time_s": run.get("wall_time_s"),
+        "lookalikes": summarize_lookalikes(run_dir, read_test_set, score_threshold),
     }
 
 
 def mean_std(values):
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    values = [v for v in values if is_number(v)]
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_value(run, key):
+    """A run's value of a paired metric: an AP metric, or its look-alike false positives per image."""
+    return run["lookalikes"].get("per_image") if key == FP_KEY else run["metrics"].get(key)
+
+
+def choose_reference(arms, reference=None):
+    """The arm the others are compared with: ``reference``, or the first of ``arms`` if None.
+
+    Raises ``ValueError`` for a reference that is not one of the arms.
+    """
+    arms = list(arms)
+    if reference is None:
+        return arms[0]
+    if reference not in arms:
+        raise ValueError(f"reference arm {reference!r} is not one of the arms ({', '.join(arms)})")
+    return reference
+
+
+def compare_to_reference(runs, reference):
+    """{arm: {metric: paired_difference against ``reference``}} for every arm but the reference
+    (``runs``: {arm: {seed: summarize_run output}})."""
+    reference_runs = runs[reference]
+    return {
+        arm: {key: paired_difference({s: paired_value(r, key) for s, r in seeds.items()},
+                                     {s: paired_value(r, key) for s, r in reference_runs.items()},
+                                     higher_is_better=key not in LOWER_IS_BETTER)
+              for key in PAIRED_DIGITS}
+        for arm, seeds in runs.items() if arm != reference
+    }
 
 
 def _tail_mean(series, fraction=0.2):
@@ -106,6 +217,7 @@ def summarize_arm(runs):
     out = {"seeds": sorted(runs), "mean": {}, "std": {}}
     scalars = {k: [r["metrics"].get(k) for r in seeds] for k in AP_KEYS}
     scalars.update({k: [r[k] for r in seeds] for k in ("s_per_iter", "peak_gpu_mem_mb", "wall_time_s")})
+    scalars[FP_KEY] = [r["lookalikes"].get("per_image") for r in seeds]
     diagnostics = sorted(set(DIAGNOSTICS) | {k for r in seeds for k in r["diagnostics"]})
     scalars.update({k: [_tail_mean(r["diagnostics"].get(k)) for r in seeds] for k in diagnostics})
     classes = sorted({c for r in seeds for c in r["per_class_ap"]})
@@ -122,44 +234,110 @@ def _fmt(mean, std=None, digits=1, n=1):
 
 
 def markdown_table(results):
-    """The comparison as Markdown: AP table, per-class AP deltas, mining diagnostics."""
+    """The comparison as Markdown: AP table, paired differences to the reference arm, per-class
+    AP deltas, mining diagnostics."""
+    sections = [_ap_table(results), _lookalike_notes(results), _paired_table(results),
+                _per_class_table(results), _mining_table(results)]
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def _ap_table(results):
+    """Absolute numbers per arm: mean ± std over seeds."""
     arms = results["arms"]
-    names = list(arms)
     lines = [
-        "| arm | seeds | " + " | ".join(AP_KEYS) + " | s/iter | peak GPU mem (MiB) | wall time (min) |",
-        "|---" * (len(AP_KEYS) + 5) + "|",
+        "| arm | seeds | " + " | ".join(AP_KEYS) + f" | {FP_LABEL} | s/iter | peak GPU mem (MiB) | wall time (min) |",
+        "|---" * (len(AP_KEYS) + 6) + "|",
     ]
-    for name in names:
-        m, s, n = arms[name]["mean"], arms[name]["std"], len(arms[name]["seeds"])
-        cells = [_fmt(m[k], s[k], 1, n) for k in AP_KEYS]
+    for name, arm in arms.items():
+        m, s, n = arm["mean"], arm["std"], len(arm["seeds"])
+        cells = [_fmt(m[k], s[k], 1, n) for k in AP_KEYS] + [_fmt(m[FP_KEY], s[FP_KEY], 3, n)]
         cells += [_fmt(m["s_per_iter"], s["s_per_iter"], 3, n), _fmt(m["peak_gpu_mem_mb"], None, 0),
                   _fmt(None if m["wall_time_s"] is None else m["wall_time_s"] / 60, None, 1)]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    return lines
 
+
+def _lookalike_notes(results):
+    """Why runs have no look-alike count (one line per distinct reason), if any has none."""
+    missing = {}
+    for name, arm in results["arms"].items():
+        for seed, run in arm["runs"].items():
+            if "unavailable" in run["lookalikes"]:
+                missing.setdefault(run["lookalikes"]["unavailable"], []).append(f"{name} seed {seed}")
+    if not missing:
+        return []
+    total = sum(len(arm["runs"]) for arm in results["arms"].values())
+    return [f"{FP_LABEL} is n/a for " + "; ".join(
+        f"{'every run' if len(runs) == total else ', '.join(runs)}: {why}" for why, runs in missing.items()) + "."]
+
+
+def _paired_table(results):
+    """Each arm minus the reference, seed by seed: mean, t-interval and verdict per metric.
+
+    Metrics no arm could be paired on (no test set, no look-alikes) get no rows.
+    """
+    reference = results["reference"]
+    others = [(name, arm["paired"]["metrics"]) for name, arm in results["arms"].items() if arm["paired"]]
+    keys = [k for k in PAIRED_DIGITS if any(metrics[k]["n"] for _, metrics in others)]
+    if not keys:
+        return []
+    lines = [f"Paired differences, arm - {reference}, over the seeds both ran (a seed gives both arms the "
+             f"same initialisation and data order): per seed, mean and {CONFIDENCE:.0%} t-interval (Student t, "
+             f"n-1 degrees of freedom). Verdict: better or worse where the interval excludes 0; for "
+             f"{FP_LABEL} (score >= {results['lookalikes']['score_threshold']}) fewer is better.", "",
+             "| difference | metric | seeds | per seed (seed: difference) | mean "
+             f"| {CONFIDENCE:.0%} interval | verdict |",
+             "|---" * 7 + "|"]
+    for name, metrics in others:
+        for key in keys:
+            lines.append(_paired_row(f"{name} - {reference}", key, metrics[key]))
+    return lines
+
+
+def _paired_row(label, key, paired):
+    digits = PAIRED_DIGITS[key]
+    per_seed = ", ".join(f"{s}: {d:+.{digits}f}" for s, d in paired["differences"].items()) or "n/a"
+    mean = "n/a" if paired["mean"] is None else f"{paired['mean']:+.{digits}f}"
+    interval = ("n/a" if paired["ci_low"] is None
+                else f"[{paired['ci_low']:+.{digits}f}, {paired['ci_high']:+.{digits}f}]")
+    metric = FP_LABEL if key == FP_KEY else key
+    return f"| {label} | {metric} | {paired['n']} | {per_seed} | {mean} | {interval} | {paired['verdict']} |"
+
+
+def _per_class_table(results):
+    """Per-class AP of the reference arm and the other arms' difference to it (means over seeds)."""
+    arms, reference = results["arms"], results["reference"]
+    others = [n for n in arms if n != reference]
     classes = sorted({k[3:] for a in arms.values() for k in a["mean"] if k.startswith("AP-")})
-    reference = names[0]
-    if classes and len(names) > 1:
-        lines += ["", f"Per-class AP: {reference}, and the other arms' difference to it.", "",
-                  f"| class | {reference} | " + " | ".join(f"Δ {n}" for n in names[1:]) + " |",
-                  "|---" * (len(names) + 1) + "|"]
-        for c in classes:
-            ref = arms[reference]["mean"].get(f"AP-{c}")
-            deltas = [
-                "n/a" if ref is None or arms[n]["mean"].get(f"AP-{c}") is None
-                else f"{arms[n]['mean'][f'AP-{c}'] - ref:+.1f}"
-                for n in names[1:]
-            ]
-            lines.append(f"| {c} | {_fmt(ref)} | " + " | ".join(deltas) + " |")
+    if not classes or not others:
+        return []
+    lines = [f"Per-class AP: {reference}, and the other arms' difference to it.", "",
+             f"| class | {reference} | " + " | ".join(f"Δ {n}" for n in others) + " |",
+             "|---" * (len(others) + 2) + "|"]
+    for c in classes:
+        ref = arms[reference]["mean"].get(f"AP-{c}")
+        deltas = [
+            "n/a" if ref is None or arms[n]["mean"].get(f"AP-{c}") is None
+            else f"{arms[n]['mean'][f'AP-{c}'] - ref:+.1f}"
+            for n in others
+        ]
+        lines.append(f"| {c} | {_fmt(ref)} | " + " | ".join(deltas) + " |")
+    return lines
 
-    mining = [(n, scope) for n in names for scope in _arm_scopes(arms[n])]
-    if mining:
-        lines += ["", "Mining diagnostics (mean of the last 20% of logged iterations).", "",
-                  "| arm | " + " | ".join(DIAGNOSTICS.values()) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
-        for n, scope in mining:
-            m, s, k = arms[n]["mean"], arms[n]["std"], len(arms[n]["seeds"])
-            cells = [_fmt(m.get(scope + d), s.get(scope + d), 3, k) for d in DIAGNOSTICS]
-            lines.append(f"| {scope_label(n, scope)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+
+def _mining_table(results):
+    """The mining diagnostics of each arm (and cascade stage) that logged them."""
+    arms = results["arms"]
+    mining = [(n, scope) for n in arms for scope in _arm_scopes(arms[n])]
+    if not mining:
+        return []
+    lines = ["Mining diagnostics (mean of the last 20% of logged iterations).", "",
+             "| arm | " + " | ".join(DIAGNOSTICS.values()) + " |", "|---" * (len(DIAGNOSTICS) + 1) + "|"]
+    for n, scope in mining:
+        m, s, k = arms[n]["mean"], arms[n]["std"], len(arms[n]["seeds"])
+        cells = [_fmt(m.get(scope + d), s.get(scope + d), 3, k) for d in DIAGNOSTICS]
+        lines.append(f"| {scope_label(n, scope)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _arm_scopes(arm_summary):
@@ -179,7 +357,8 @@ def _mean_curve(series_per_seed):
 
 
 def plot(results, runs, out_dir):
-    """loss.png, ap.png and mining.png in ``out_dir``; returns their paths."""
+    """loss.png, ap.png (paired differences, if any arm pairs with the reference) and mining.png
+    (if any arm mines) in ``out_dir``; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,16 +373,9 @@ def plot(results, runs, out_dir):
     ax.legend()
     paths.append(_save(fig, out_dir, "loss.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    arms = list(results["arms"])
-    means = [results["arms"][a]["mean"]["AP"] or 0.0 for a in arms]
-    stds = [results["arms"][a]["std"]["AP"] or 0.0 for a in arms]
-    ax.bar(arms, means, yerr=stds, capsize=4, color="tab:blue")
-    for i, m in enumerate(means):
-        ax.text(i, m, f"{m:.1f}", ha="center", va="bottom")
-    ax.set(ylabel="AP (COCO, IoU .50:.95)", title="AP per arm (mean ± std over seeds)")
-    ax.tick_params(axis="x", labelrotation=20)
-    paths.append(_save(fig, out_dir, "ap.png"))
+    paired = _paired_plot(results, plt)
+    if paired:
+        paths.append(_save(paired, out_dir, "ap.png"))
 
     mining = [(arm, scope, seeds) for arm, seeds in runs.items() for scope in _arm_scopes(results["arms"][arm])]
     if mining:
@@ -227,6 +399,57 @@ def plot(results, runs, out_dir):
     return paths
 
 
+def _paired_plot(results, plt):
+    """The paired differences to the reference arm: per arm and metric a point at the mean with
+    its t-interval (no bar: one seed), around a zero line, scaled to the differences so that a
+    difference of a point or two shows. AP metrics share a panel; look-alike false positives, in
+    other units, get their own. None if no arm pairs with the reference on any metric."""
+    reference = results["reference"]
+    others = [(name, arm["paired"]["metrics"]) for name, arm in results["arms"].items() if arm["paired"]]
+    threshold = results["lookalikes"]["score_threshold"]
+    panels = [(keys, title) for keys, title in ((("AP", "AP50", "AP75"), "AP points (higher is better)"),
+                                                ((FP_KEY,), f"{FP_LABEL}, score >= {threshold} (lower is better)"))
+              if any(metrics[k]["n"] for _, metrics in others for k in keys)]
+    if not panels:
+        return None
+    # Wide enough per arm for three labelled points side by side; one panel above the other.
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.5 + 2.4 * len(others)), 0.5 + 3.5 * len(panels)),
+                             squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (keys, title) in zip(axes[:, 0], panels):
+        for j, key in enumerate(keys):
+            offset = (j - (len(keys) - 1) / 2) * 0.28
+            points = [(i + offset, metrics[key]) for i, (_, metrics) in enumerate(others) if metrics[key]["n"]]
+            _draw_differences(ax, points, colours[j % len(colours)], FP_LABEL if key == FP_KEY else key,
+                              PAIRED_DIGITS[key])
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(others)), [f"{name} - {reference}" for name, _ in others])
+        ax.tick_params(axis="x", labelrotation=20)
+        ax.set(title=title, ylabel=f"arm - {reference}", xlim=(-0.6, len(others) - 0.4))
+        ax.margins(y=0.1)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Paired differences to {reference}: mean over seeds and {CONFIDENCE:.0%} t-interval\n"
+                 "(hollow: one seed, no interval)", fontsize=11)
+    return fig
+
+
+def _draw_differences(ax, points, colour, label, digits):
+    """Points (x, paired_difference) of one metric: error bars where there is an interval,
+    hollow markers where there is none (one seed), each labelled with its mean."""
+    with_interval = [(x, p) for x, p in points if p["ci_low"] is not None]
+    if with_interval:
+        xs, ps = zip(*with_interval)
+        ax.errorbar(xs, [p["mean"] for p in ps], capsize=4, fmt="o", color=colour, label=label,
+                    yerr=[[p["mean"] - p["ci_low"] for p in ps], [p["ci_high"] - p["mean"] for p in ps]])
+    single = [(x, p) for x, p in points if p["ci_low"] is None]
+    if single:
+        ax.plot([x for x, _ in single], [p["mean"] for _, p in single], "o", markerfacecolor="none", color=colour,
+                label=None if with_interval else label)
+    for x, p in points:
+        ax.annotate(f"{p['mean']:+.{digits}f}", (x, p["mean"]), xytext=(3, 0), textcoords="offset points",
+                    fontsize=7, va="center")
+
+
 def _save(fig, out_dir, name):
     path = os.path.join(out_dir, name)
     fig.tight_layout()
@@ -237,13 +460,34 @@ def _save(fig, out_dir, name):
     return path
 
 
-def write_report(experiment, run_dirs, out_dir):
-    """Summarise ``run_dirs`` ({arm: {seed: dir}}) into results.json, results.md and plots."""
-    runs = {arm: {seed: summarize_run(d) for seed, d in seeds.items()} for arm, seeds in run_dirs.items()}
-    results = {"experiment": experiment, "arms": {arm: summarize_arm(r) for arm, r in runs.items()}}
+def write_report(experiment, run_dirs, out_dir, reference=None, score_threshold=SCORE_THRESHOLD):
+    """Summarise ``run_dirs`` ({arm: {seed: dir}}) into results.json, results.md and plots.
+
+    Every arm is compared paired with ``reference`` (default: the first arm); an unknown
+    reference raises ``ValueError``. False positives on look-alikes count the detections that
+    score at least ``score_threshold``.
+    """
+    reference = choose_reference(run_dirs, reference)
+    read_test_set = json_reader()
+    runs = {arm: {seed: summarize_run(d, read_test_set, score_threshold) for seed, d in seeds.items()}
+            for arm, seeds in run_dirs.items()}
+    paired = compare_to_reference(runs, reference)
+    results = {
+        "experiment": experiment,
+        "reference": reference,
+        "paired": {"reference": reference, "metrics": list(PAIRED_DIGITS), "confidence": CONFIDENCE,
+                   "interval": "Student t with n-1 degrees of freedom over the n seeds both arms ran",
+                   "verdicts": [BETTER, WORSE, NO_DIFFERENCE, ONE_SEED, NO_PAIRS]},
+        "lookalikes": {"metric": FP_KEY, "score_threshold": score_threshold, "iou_threshold": IOU_THRESHOLD,
+                       "definition": "detections per test image with score >= score_threshold whose box has "
+                                     "IoU >= iou_threshold with an unlabelled look-alike of the image and "
+                                     "IoU < iou_threshold with every annotated object of it"},
+        "arms": {arm: summarize_arm(r) for arm, r in runs.items()},
+    }
     for arm, seeds in runs.items():
+        results["arms"][arm]["paired"] = {"reference": reference, "metrics": paired[arm]} if arm in paired else None
         results["arms"][arm]["runs"] = {str(s): {k: r[k] for k in ("metrics", "per_class_ap", "s_per_iter",
-                                                                   "peak_gpu_mem_mb", "wall_time_s")}
+                                                                   "peak_gpu_mem_mb", "wall_time_s", "lookalikes")}
                                         for s, r in seeds.items()}
     table = markdown_table(results)
     with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -138,3 +138,11 @@ def test_a_run_without_a_test_set_finishes_and_is_skipped_next_time(tmp_path):
     assert "| stock | 1 | n/a |" in (tmp_path / "exp" / "results.md").read_text()
     again = run_tool("run_experiment.py", *args)
     assert again.returncode == 0 and "[stock seed 0] finished earlier: skipped" in again.stdout, again.stderr[-2000:]
+
+
+def test_an_unknown_reference_arm_stops_before_training(tmp_path):
+    done = run_tool("run_experiment.py", "--output", tmp_path / "exp", "--data-root", tmp_path / "data",
+                    "--arms", "stock", "ohem", "--reference", "stokc", *TINY_RUN)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "reference arm 'stokc' is not one of the arms (stock, ohem)" in done.stderr
+    assert not (tmp_path / "exp").exists()

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ohem_d2.arms import ARMS, DEFAULT_ARMS, UnknownArmError, arm_overrides, describe
-from ohem_d2.report import read_metrics, write_report
+from ohem_d2.report import SCORE_THRESHOLD, choose_reference, read_metrics, write_report
 from ohem_d2.synthetic_data import SyntheticDatasetError, generate_synthetic_dataset
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
@@ -49,7 +49,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", help="base config (default: the embedded synthetic experiment)")
     p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), metavar="ARM",
-                   help=f"arms to compare, first one is the reference (known: {', '.join(ARMS)})")
+                   help=f"arms to compare (known: {', '.join(ARMS)})")
+    p.add_argument("--reference", metavar="ARM",
+                   help="the arm the others are compared with, seed by seed (default: the first of --arms)")
+    p.add_argument("--fp-score-threshold", type=float, default=SCORE_THRESHOLD,
+                   help="score from which a detection on an unlabelled look-alike of the synthetic "
+                        "data counts as a false positive (default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; every arm runs every seed")
     p.add_argument("--output", default=None, help="experiment folder (default: output/experiment_<config name>)")
     p.add_argument("--num-gpus", type=int, default=0,
@@ -354,6 +359,7 @@ def train_all(runs, environments):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        choose_reference(args.arms, args.reference)  # a typo stops here, not after training
         output, planned, experiment = plan_runs(args)
         for run_dir, run_argv in planned.values():
             check_same_settings(run_dir, run_argv)
@@ -372,7 +378,8 @@ def main(argv=None):
         run_dirs = {}
         for r in runs:
             run_dirs.setdefault(r.arm, {})[r.seed] = r.run_dir
-        _, table, plots = write_report(experiment, run_dirs, output)
+        _, table, plots = write_report(experiment, run_dirs, output, reference=args.reference,
+                                       score_threshold=args.fp_score_threshold)
     except (ExperimentError, UnknownArmError, SyntheticDatasetError, *USER_ERRORS) as e:
         sys.exit(f"error: {e.args[0] if e.args else e}")
     print(table)
