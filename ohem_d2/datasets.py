@@ -1,33 +1,46 @@
 """User datasets: registered from the config (or the command line), checked before training.
 
 Detectron2 looks datasets up by name and reads their files only when a data loader or an
-evaluator is built, so a typo in a name, a wrong ``DETECTRON2_DATASETS`` or a VOC class list that
-does not match the XML surfaces as a ``KeyError`` deep in a loader, and for a test set only when
-the first evaluation starts, after hours of training. ``check_datasets`` reads the annotation
-files (never the images) before training and reports every problem at once, each with its fix.
+evaluator is built, so a typo in a name, a wrong ``DETECTRON2_DATASETS``, a VOC class list that
+does not match the XML, an image file whose size differs from its annotation or a truncated JPEG
+surfaces as an exception deep in a loader, for a test set only when the first evaluation starts,
+after hours of training. ``check_datasets`` reads the annotation files and the image headers
+(never the pixels) before training and reports every problem at once, each with its fix; what
+Detectron2 handles safely comes back as warnings. Its result is cached (``scan_cache``).
 
-Registration itself is Detectron2's: ``register_coco_instances`` and ``register_pascal_voc``.
+Registration itself is Detectron2's: ``register_coco_instances`` and ``register_pascal_voc``;
+with ``DATASETS.SIZES_FROM_IMAGES`` their loaders' records get the image files' sizes.
 """
 import difflib
-import json
+import logging
 import os
-import xml.etree.ElementTree as ET
-from collections import Counter
+import time
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
+from .dataset_checks import Source, Use, judge
+from .dataset_scan import scan_coco, scan_voc
+
+logger = logging.getLogger(__name__)
+
 # PascalVOCDetectionEvaluator accepts only 2007 and 2012; 2012 selects the all-point AP of
 # VOC2010+, the exact area under the precision/recall curve (2007 is the 11-point approximation).
 VOC_YEAR = 2012
+
+# The MetadataCatalog evaluator_type values that tools/train_net.py evaluates: "pascal_voc" with
+# PascalVOCDetectionEvaluator, the others with COCOEvaluator. A dataset without one is "coco".
+EVALUABLE_TYPES = ("coco", "coco_panoptic_seg", "pascal_voc")
+DEFAULT_EVALUATOR_TYPE = "coco"
+# Datasets whose json_file is a COCO instances file (LVIS ones have a json_file of their own format).
+_COCO_FORMAT_TYPES = ("coco", "coco_panoptic_seg")
 
 REGISTER_HOWTO = (
     "register it with --register-coco NAME JSON IMAGE_ROOT or "
     "DATASETS.REGISTER_COCO \"[['NAME', 'JSON', 'IMAGE_ROOT']]\" (a VOC-layout folder: "
     "DATASETS.REGISTER_VOC \"[['NAME', 'DIR', 'SPLIT', 'class1,class2']]\")"
 )
-_MAX_LISTED = 5  # examples shown per problem, so that one bad folder does not flood the log
 
 
 class DatasetError(ValueError):
@@ -35,12 +48,19 @@ class DatasetError(ValueError):
 
 
 def add_dataset_config(cfg):
-    """Add ``DATASETS.REGISTER_COCO`` and ``DATASETS.REGISTER_VOC`` (call before merging a file)."""
+    """Add ``DATASETS.REGISTER_COCO``, ``REGISTER_VOC`` and ``SIZES_FROM_IMAGES`` (call before
+    merging a file)."""
     # Entries [name, json_file, image_root]: COCO instances JSON and the folder of its images.
     cfg.DATASETS.REGISTER_COCO = []
     # Entries [name, dirname, split, "class1,class2,..."]: a folder with the Pascal VOC layout
     # (Annotations/, ImageSets/Main/<split>.txt, JPEGImages/) and its own class names.
     cfg.DATASETS.REGISTER_VOC = []
+    # True: the datasets of DATASETS.TRAIN and TEST take each image's width and height from the
+    # image file (after EXIF orientation) where the annotations say otherwise, and such
+    # mismatches are warnings. False by default: a size that differs may mean boxes drawn at
+    # another resolution or orientation, and trusting the file silently would train on
+    # misplaced boxes, so the check stops and says which kind of mismatch it found.
+    cfg.DATASETS.SIZES_FROM_IMAGES = False
 
 
 def register_coco(name, json_file, image_root):
@@ -64,7 +84,12 @@ def register_voc(name, dirname, split, class_names):
 
 
 def register_datasets_from_config(cfg):
-    """Register every ``DATASETS.REGISTER_COCO``/``REGISTER_VOC`` entry; return their names."""
+    """Register every ``DATASETS.REGISTER_COCO``/``REGISTER_VOC`` entry; return their names.
+
+    Also makes the loaders of the datasets in DATASETS.TRAIN and TEST (Detectron2's builtin
+    ones too) take image sizes from the image files if ``DATASETS.SIZES_FROM_IMAGES``, and
+    gives them back Detectron2's own loaders if not.
+    """
     names = []
     for entry in cfg.DATASETS.REGISTER_COCO:
         form = "[name, json_file, image_root]"
@@ -73,20 +98,66 @@ def register_datasets_from_config(cfg):
         form = "[name, dirname, split, 'class1,class2,...']"
         name, dirname, split, classes = _entry("REGISTER_VOC", entry, form, 4)
         names.append(register_voc(name, dirname, split, classes.split(",")))
+    for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]):
+        if name in DatasetCatalog.list():
+            take_sizes_from_image_files(name, cfg.DATASETS.SIZES_FROM_IMAGES)
     return names
 
 
+def take_sizes_from_image_files(name, enabled=True):
+    """Re-register ``name`` with a loader whose records have the image files' sizes (``enabled``),
+    or with the loader it had before (not ``enabled``); a no-op if it already has that loader or
+    is not a COCO-format or VOC-layout dataset."""
+    loader = DatasetCatalog[name]
+    if enabled == isinstance(loader, _SizesFromImageFiles) or (enabled and _source(name) is None):
+        return
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, _SizesFromImageFiles(name, loader) if enabled else loader.loader)
+
+
+class _SizesFromImageFiles:
+    """A dataset loader: the records of ``loader`` with the width and height that Detectron2
+    reads from each image file, where the annotations say otherwise. The sizes come from the
+    check's scan, which is cached: in each DDP process this costs a ``stat`` per file."""
+
+    def __init__(self, name, loader):
+        self.name, self.loader = name, loader
+
+    def __call__(self):
+        records = self.loader()
+        file_sizes = _scan(self.name)[0]["file_sizes"]
+        for record in records:
+            if record["file_name"] in file_sizes:
+                record["width"], record["height"] = file_sizes[record["file_name"]]
+        return records
+
+
+def evaluator_type(name):
+    """The evaluator_type of dataset ``name``, which tools/train_net.py picks the evaluator by."""
+    return MetadataCatalog.get(name).get("evaluator_type", DEFAULT_EVALUATOR_TYPE)
+
+
 def check_datasets(cfg):
-    """Raise ``DatasetError`` listing every problem of the datasets in DATASETS.TRAIN and TEST."""
-    failures = []
+    """Check the datasets in DATASETS.TRAIN and TEST before training; return the warnings.
+
+    Raises ``DatasetError`` listing every problem of every dataset that would stop or corrupt
+    the run (with the warnings after them); returns the messages of the problems that Detectron2
+    handles safely, each saying what will happen, for the caller to print.
+    """
+    stops, warnings, failing = [], [], []
+    use = {"filter_empty": cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+           "sizes_from_images": cfg.DATASETS.SIZES_FROM_IMAGES}
     for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]):
-        problems = _problems(name, for_eval=name in cfg.DATASETS.TEST)
-        if problems:
-            failures.append(f"dataset {name!r}: " + "; ".join(problems))
-    if failures:
+        found = _judge(name, Use(train=name in cfg.DATASETS.TRAIN, test=name in cfg.DATASETS.TEST, **use))
+        stops += [f"dataset {name!r}: {message}" for message in found[0]]
+        warnings += [f"dataset {name!r}: {message}" for message in found[1]]
+        failing += [name] if found[0] else []
+    if stops:
+        also = "\nWarnings (these alone would not stop the run):\n- " + "\n- ".join(warnings) if warnings else ""
         raise DatasetError(
-            f"{len(failures)} dataset(s) of this run cannot be used:\n- " + "\n- ".join(failures)
+            f"{len(failing)} dataset(s) of this run cannot be used:\n- " + "\n- ".join(stops) + also
         )
+    return warnings
 
 
 def _entry(key, entry, form, length):
@@ -113,156 +184,68 @@ def _describe(fields):
     return ", ".join(f"{k}={v!r}" for k, v in fields.items() if v is not None) or "no file metadata"
 
 
-def _problems(name, for_eval):
+def _judge(name, use):
+    """(stops, warnings) of one dataset."""
     if name not in DatasetCatalog.list():
-        close = difflib.get_close_matches(name, DatasetCatalog.list(), n=_MAX_LISTED)
+        close = difflib.get_close_matches(name, DatasetCatalog.list(), n=5)
         hint = f"did you mean {', '.join(map(repr, close))}? Otherwise " if close else ""
-        return [f"no dataset of this name is registered; {hint}{REGISTER_HOWTO}"]
-    meta = MetadataCatalog.get(name)
-    json_file, dirname = meta.get("json_file", None), meta.get("dirname", None)
-    if json_file is not None:
-        problems = _coco_problems(json_file, meta.get("image_root", None))
-    elif dirname is not None:
-        classes = meta.get("thing_classes", [])
-        problems = _voc_problems(dirname, meta.get("split", ""), classes, for_eval)
-    else:  # registered with a custom loader and no file metadata: nothing to check
-        return []
-    if problems and _is_builtin_path(json_file or dirname):
-        root = os.path.abspath(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
-        problems.append(
-            f"{name!r} is a Detectron2 builtin dataset, looked up under $DETECTRON2_DATASETS "
-            f"(now {root}): set DETECTRON2_DATASETS to the folder that holds it (layout: "
-            "https://detectron2.readthedocs.io/en/latest/tutorials/builtin_datasets.html)"
+        return [f"no dataset of this name is registered; {hint}{REGISTER_HOWTO}"], []
+    stops, warnings = [], []
+    if use.test and evaluator_type(name) not in EVALUABLE_TYPES:
+        # Stop: Trainer.build_evaluator would raise at the first evaluation, after training.
+        stops.append(
+            f"its evaluator_type is {evaluator_type(name)!r}, which tools/train_net.py cannot evaluate (it "
+            f"evaluates {', '.join(EVALUABLE_TYPES)}; a dataset without evaluator_type counts as "
+            f"{DEFAULT_EVALUATOR_TYPE}): leave it out of DATASETS.TEST, and evaluate the trained model on it "
+            "afterwards with Detectron2's evaluator for that type (detectron2.evaluation)"
         )
-    return problems
+    scanned = _scan(name)
+    if scanned is not None:  # else registered with a custom loader and no file metadata
+        scan, source = scanned
+        found = judge(scan, source, use, MetadataCatalog.get(name).get("thing_classes", ()))
+        stops, warnings = stops + found[0], found[1]
+        if found[0] and _is_builtin_path(source.annotations):
+            root = os.path.abspath(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
+            stops.append(
+                f"{name!r} is a Detectron2 builtin dataset, looked up under $DETECTRON2_DATASETS "
+                f"(now {root}): set DETECTRON2_DATASETS to the folder that holds it (layout: "
+                "https://detectron2.readthedocs.io/en/latest/tutorials/builtin_datasets.html)"
+            )
+    return stops, warnings
+
+
+def _source(name):
+    """Where the files of a COCO-format or VOC-layout dataset are; None for any other dataset."""
+    meta = MetadataCatalog.get(name)
+    json_file, image_root, dirname = (meta.get(k, None) for k in ("json_file", "image_root", "dirname"))
+    if json_file is not None and image_root is not None and evaluator_type(name) in _COCO_FORMAT_TYPES:
+        return Source(json_file, image_root, voc=False)
+    if dirname is not None and meta.get("split", None) is not None:
+        return Source(os.path.join(dirname, "ImageSets", "Main", meta.split + ".txt"),
+                      os.path.join(dirname, "JPEGImages"), voc=True)
+    return None
+
+
+def _scan(name):
+    """(scan, Source) of a COCO-format or VOC-layout dataset, or None for any other."""
+    source = _source(name)
+    if source is None:
+        return None
+    meta = MetadataCatalog.get(name)
+    start = time.perf_counter()
+    if source.voc:
+        scan, from_cache = scan_voc(meta.dirname, meta.split)
+    else:
+        scan, from_cache = scan_coco(source.annotations, source.images)
+    seconds = time.perf_counter() - start
+    logger.info(
+        "dataset %r: %d images checked in %.3f s (%.3f s per 1000), %s", name, scan["images"], seconds,
+        1000 * seconds / max(scan["images"], 1),
+        "unchanged since the last check (cached)" if from_cache else "from their headers",
+    )
+    return scan, source
 
 
 def _is_builtin_path(path):
     root = os.path.abspath(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
     return os.path.commonpath([root, os.path.abspath(path)]) == root
-
-
-def _coco_problems(json_file, image_root):
-    problems = []
-    if image_root is not None and not os.path.isdir(image_root):
-        problems.append(f"image folder {image_root} does not exist")
-    if not os.path.isfile(json_file):
-        return [f"annotation file {json_file} does not exist"] + problems
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        where = f"line {e.lineno}, column {e.colno}"
-        return [f"{json_file} is not valid JSON: {e.msg} at {where}"] + problems
-    if not isinstance(data, dict):
-        data = {}
-    keys = ("images", "annotations", "categories")
-    missing = ", ".join(k for k in keys if not isinstance(data.get(k), list))
-    if missing:
-        return [f"{json_file} is not a COCO instances file: it lacks the list(s) {missing}"] + problems
-    if not data["images"]:
-        problems.append(f"{json_file} lists no images")
-    defined = {c.get("id") for c in data["categories"]}
-    undefined = {a.get("category_id") for a in data["annotations"]} - defined
-    if undefined:
-        problems.append(
-            f"{json_file} has annotations with category ids {_listed(sorted(undefined, key=str))} "
-            "that its 'categories' do not define"
-        )
-    if image_root is not None and os.path.isdir(image_root):
-        absent = [im.get("file_name", "") for im in data["images"]
-                  if not os.path.isfile(os.path.join(image_root, im.get("file_name", "")))]
-        if absent:
-            problems.append(
-                f"{len(absent)} of the {len(data['images'])} images of {json_file} are not in "
-                f"{image_root}: {_listed(absent)}"
-            )
-    return problems
-
-
-def _voc_problems(dirname, split, class_names, for_eval):
-    """What keeps ``load_voc_instances`` (and, for test sets, the VOC evaluator) from working."""
-    split_file = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
-    layout = {"Annotations/": os.path.join(dirname, "Annotations"),
-              "JPEGImages/": os.path.join(dirname, "JPEGImages")}
-    if not os.path.isdir(dirname):
-        return [f"VOC folder {dirname} does not exist"]
-    missing = [k for k, path in layout.items() if not os.path.isdir(path)]
-    if not os.path.isfile(split_file):
-        missing.append(f"ImageSets/Main/{split}.txt")
-    if missing:
-        return [f"VOC folder {dirname} lacks {', '.join(missing)} (expected the Pascal VOC layout)"]
-    with open(split_file, encoding="utf-8") as f:
-        ids = [line.split()[0] for line in f if line.strip()]
-    if len(ids) < 2:
-        # load_voc_instances reads the split with numpy.loadtxt, which returns a scalar that
-        # cannot be iterated for a one-line file.
-        return [f"{split_file} lists {len(ids)} image(s); Detectron2's VOC loader needs at least 2"]
-
-    problems, bad_files, seen = [], [], Counter()
-    for image_id in ids:
-        if not os.path.isfile(os.path.join(layout["JPEGImages/"], image_id + ".jpg")):
-            bad_files.append(f"JPEGImages/{image_id}.jpg: missing")
-        xml_file = os.path.join(layout["Annotations/"], image_id + ".xml")
-        error = _voc_xml_error(xml_file, for_eval, seen)
-        if error:
-            bad_files.append(f"Annotations/{image_id}.xml: {error}")
-    if bad_files:
-        problems.append(
-            f"{len(bad_files)} problem(s) in the files of {split_file}: {_listed(bad_files)}"
-        )
-    unknown = sorted(set(seen) - set(class_names))
-    if unknown:
-        problems.append(
-            f"the annotations use object names that are not among the class names {class_names}: "
-            f"{_listed(unknown)}; add them to the class names or fix the XML"
-        )
-    absent = [c for c in class_names if c not in seen]
-    if absent:
-        problems.append(
-            f"the class names {_listed(absent)} never occur in the {split} annotations (a typo?); "
-            f"the names that occur are {sorted(seen)}"
-        )
-    return problems
-
-
-def _voc_xml_error(xml_file, for_eval, seen):
-    """Why ``xml_file`` cannot be loaded (None if it can); counts its object names into ``seen``."""
-    if not os.path.isfile(xml_file):
-        return "missing"
-    try:
-        tree = ET.parse(xml_file)
-    except ET.ParseError as e:
-        line, column = e.position
-        return f"not valid XML (line {line}, column {column})"
-    if not all(_number(tree.findtext(f"size/{k}")) for k in ("width", "height")):
-        return "no numeric size/width and size/height"
-    # The evaluator also reads pose/truncated/difficult and integer box corners.
-    needed = ("pose", "truncated", "difficult") if for_eval else ()
-    for obj in tree.findall("object"):
-        name = obj.findtext("name")
-        if not name:
-            return "an <object> without <name>"
-        seen[name] += 1
-        corners = [obj.findtext(f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
-        if not all(_number(c, integer=for_eval) for c in corners):
-            kind = "integer " if for_eval else ""
-            return f"object {name!r} lacks {kind}bndbox xmin/ymin/xmax/ymax"
-        absent = [k for k in needed if obj.find(k) is None]
-        if absent:
-            return f"object {name!r} lacks {', '.join(absent)} (needed by the VOC evaluator)"
-    return None
-
-
-def _number(text, integer=False):
-    try:
-        (int if integer else float)(text)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _listed(items):
-    items = list(items)
-    more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return ", ".join(map(str, items[:_MAX_LISTED])) + more

@@ -5,6 +5,7 @@ on the GPU and deselects the rest; without a GPU they are skipped with the reaso
 below build tensors, configs and heads on ``device()``, the CPU by default.
 """
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances
 
 from ohem_d2 import add_ohem_config
+
+# The dataset check's cache (ohem_d2/scan_cache.py) of this test session, also for the tools the
+# tests start: a clean one, and none left in the user's ~/.cache.
+os.environ.setdefault("OHEM_D2_CACHE", tempfile.mkdtemp(prefix="ohem_d2_test_cache_"))
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

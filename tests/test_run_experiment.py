@@ -146,3 +146,21 @@ def test_an_unknown_reference_arm_stops_before_training(tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "reference arm 'stokc' is not one of the arms (stock, ohem)" in done.stderr
     assert not (tmp_path / "exp").exists()
+
+
+def test_the_datasets_are_checked_once_per_experiment_not_per_run_or_process(tmp_path, monkeypatch):
+    """The runner checks the base config's datasets once, not again for every arm and seed; a
+    training process of train_net (main) does not check them: its launcher (cli) did."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import run_experiment
+    import train_net
+
+    checked = []
+    monkeypatch.setattr(train_net, "check_datasets", lambda cfg: checked.append(list(cfg.DATASETS.TRAIN)) or [])
+    args = run_experiment.parse_args(["--output", str(tmp_path / "exp"), "--data-root", str(tmp_path / "data"),
+                                      "--seeds", "0", "1", *TINY_RUN])
+    _, runs, _ = run_experiment.plan_runs(args)
+    assert len(runs) == 6 and checked == [["synthetic_train"]]
+    argv = next(iter(runs.values()))[1]
+    train_net.setup(train_net.argument_parser().parse_args(argv))  # what each training process runs
+    assert len(checked) == 1

@@ -24,13 +24,20 @@ import detectron2.engine.defaults
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
 from detectron2.utils.events import get_event_storage
 
 from ohem_d2 import OHEMConfigError, add_ohem_config, validate_ohem_config
-from ohem_d2.datasets import DatasetError, add_dataset_config, check_datasets, register_datasets_from_config
+from ohem_d2.datasets import (
+    DatasetError,
+    add_dataset_config,
+    check_datasets,
+    evaluator_type,
+    register_datasets_from_config,
+)
+
+logger = logging.getLogger(__name__)
 
 try:  # Detectron2 built with its C++ ops has the fast COCO evaluator; the pure-Python build does not.
     from detectron2 import _C  # noqa: F401
@@ -74,16 +81,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """PascalVOCDetectionEvaluator or COCOEvaluator by the dataset's evaluator_type; other
+        types (ohem_d2.datasets.EVALUABLE_TYPES) were refused before training."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
-        if evaluator_type == "pascal_voc":
+        if evaluator_type(dataset_name) == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
-        if evaluator_type in ("coco", "coco_panoptic_seg"):
-            return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=HAS_C_OPS)
-        raise DatasetError(
-            f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; this tool evaluates "
-            "COCO-format and Pascal-VOC-layout datasets"
-        )
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=HAS_C_OPS)
 
     def build_hooks(self):
         return [PeakMemoryHook()] + super().build_hooks()
@@ -92,8 +95,10 @@ class Trainer(DefaultTrainer):
 USER_ERRORS = (OHEMConfigError, DatasetError, FileNotFoundError, KeyError, ValueError)
 
 
-def build_config(args):
-    """The run's config from ``args``, with its datasets registered and everything validated.
+def build_config(args, check=True):
+    """The run's config from ``args``, with its datasets registered and, with ``check``, the
+    datasets checked (their warnings logged once, here): the launching process checks, the
+    training processes it spawns do not.
 
     Raises one of ``USER_ERRORS`` with a message that says what to fix.
     """
@@ -118,14 +123,17 @@ def build_config(args):
     cfg.DATASETS.REGISTER_VOC += [list(entry) for entry in args.register_voc]
     validate_ohem_config(cfg)
     register_datasets_from_config(cfg)
-    check_datasets(cfg)
+    if check:
+        for warning in check_datasets(cfg):
+            logger.warning(f"warning: {warning}")
     cfg.freeze()
     return cfg
 
 
 def setup(args):
-    """Config plus Detectron2's default setup (output dir, logging, seeds, config dump)."""
-    cfg = build_config(args)
+    """Config plus Detectron2's default setup (output dir, logging, seeds, config dump); the
+    datasets were checked by ``cli`` in the launching process."""
+    cfg = build_config(args, check=False)
     default_setup(cfg, args)
     return cfg
 
@@ -166,14 +174,14 @@ def argument_parser():
     return parser
 
 
-def worker_environment(cfg, args):
-    """Environment variables for the spawned training processes.
+def worker_environment(device, args):
+    """Environment variables for the spawned training processes of a run on ``device``.
 
     Detectron2's ``launch`` gives its workers NCCL and one GPU each whenever it sees a GPU, also
-    for a ``MODEL.DEVICE cpu`` run; hiding the GPUs from such workers makes it use gloo.
+    for a run on the CPU; hiding the GPUs from such workers makes it use gloo.
     """
     spawns_workers = args.num_gpus * args.num_machines > 1
-    return {"CUDA_VISIBLE_DEVICES": ""} if spawns_workers and cfg.MODEL.DEVICE == "cpu" else {}
+    return {"CUDA_VISIBLE_DEVICES": ""} if spawns_workers and device == "cpu" else {}
 
 
 def cli(argv=None):
@@ -181,10 +189,10 @@ def cli(argv=None):
     try:
         cfg = build_config(args)  # fail here, in one process, before any worker is spawned
     except USER_ERRORS as e:
-        logging.getLogger(__name__).debug("invalid input", exc_info=True)
+        logger.debug("invalid input", exc_info=True)
         sys.exit(f"error: {e.args[0] if e.args else e}")
     print("Command Line Args:", args)
-    with mock.patch.dict(os.environ, worker_environment(cfg, args)):
+    with mock.patch.dict(os.environ, worker_environment(cfg.MODEL.DEVICE, args)):
         return launch(
             main,
             args.num_gpus,

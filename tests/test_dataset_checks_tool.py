@@ -1,0 +1,49 @@
+"""tools/check_datasets.py: the pre-training check alone, with its warnings, errors and timings."""
+import json
+import os
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import CONFIGS, FPN_OHEM, REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import check_datasets  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def check_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OHEM_D2_CACHE", str(tmp_path / "check_cache"))
+
+
+def write_coco(root, boxes):
+    os.makedirs(root / "images")
+    Image.new("RGB", (40, 30)).save(root / "images" / "a.jpg")
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+            "categories": [{"id": 1, "name": "thing"}],
+            "annotations": [{"id": i + 1, "image_id": 1, "bbox": b, "category_id": 1} for i, b in enumerate(boxes)]}
+    (root / "train.json").write_text(json.dumps(coco))
+    return [str(root / "train.json"), str(root / "images")]
+
+
+def run(tmp_path, name, boxes):
+    return check_datasets.main(["--config-file", str(CONFIGS / FPN_OHEM), "--register-coco", name,
+                                *write_coco(tmp_path, boxes), "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"])
+
+
+def test_warnings_and_the_time_of_a_cold_and_a_cached_check(tmp_path, capsys):
+    warnings = run(tmp_path, "t_tool_warn", [[2, 2, 10, 10], [2, 2, 0, 10]])
+    out = capsys.readouterr().out
+    assert len(warnings) == 1 and f"warning: {warnings[0]}" in out and "zero width or height" in out
+    assert "dataset 't_tool_warn': 1 images checked in" in out and "s per 1000), from their headers" in out
+    assert "unchanged since the last check (cached)" in out
+    assert "no problem stops the run (1 warning(s)); checked in" in out and "again from the cache in" in out
+
+
+def test_a_stopping_problem_is_one_error_and_exit_status_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "t_tool_stop", [[2, 2, float("nan"), 10]])
+    assert str(exit_info.value).startswith("error: 1 dataset(s) of this run cannot be used:")
+    assert "NaN or infinite coordinate" in str(exit_info.value)
+    assert "checked in" in capsys.readouterr().out
