@@ -3,6 +3,11 @@
 Every arm is the same base config (model, data, schedule, seed, RoI budget) with only the
 RoI-choosing keys changed, so that a difference in AP is the sampler's doing. The stock
 and OHEM heads of each family are paired here, which lets any Detectron2 config serve as base.
+
+Besides the paper's OHEM and its variants, the peers that answer the same question without it:
+``mmdet_ohem`` (mmdetection's OHEMSampler, in OHEM's own settings), ``iou_balanced`` (Libra
+R-CNN's sampler, :mod:`ohem_d2.iou_balanced`) and ``focal`` (the stock sampler with a focal
+classification loss, :mod:`ohem_d2.focal_loss`; the loss is what it changes, through the head).
 """
 from collections import OrderedDict
 
@@ -14,13 +19,24 @@ STOCK_TO_OHEM_HEAD = {
 # Stock CascadeROIHeads cannot ignore proposals below bg_lo; this stock-equivalent head can.
 STOCK_TO_HEURISTICS_HEAD = {"CascadeROIHeads": "FastRCNNHeuristicsCascadeROIHeads"}
 OHEM_TO_STOCK_HEAD = {v: k for k, v in {**STOCK_TO_OHEM_HEAD, **STOCK_TO_HEURISTICS_HEAD}.items()}
+# The peers' heads exist for the FPN and C4 families (no cascade).
+STOCK_TO_IOU_BALANCED_HEAD = {"StandardROIHeads": "IoUBalancedROIHeads", "Res5ROIHeads": "IoUBalancedRes5ROIHeads"}
+STOCK_TO_FOCAL_HEAD = {"StandardROIHeads": "FocalLossROIHeads", "Res5ROIHeads": "FocalLossRes5ROIHeads"}
+# Head kind of an arm -> {stock head of the base config's family: the arm's head}.
+HEADS_BY_KIND = {
+    "stock": {head: head for head in STOCK_TO_OHEM_HEAD},
+    "heuristics": {head: STOCK_TO_HEURISTICS_HEAD.get(head, head) for head in STOCK_TO_OHEM_HEAD},
+    "ohem": STOCK_TO_OHEM_HEAD,
+    "iou_balanced": STOCK_TO_IOU_BALANCED_HEAD,
+    "focal": STOCK_TO_FOCAL_HEAD,
+}
 
 # How RoIs are labelled: Detectron2's default (no bg_lo) and Fast R-CNN's (bg_lo = 0.1).
 _NO_BG_LO = ["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.5], "MODEL.ROI_HEADS.IOU_LABELS", [0, 1]]
 _BG_LO = ["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.1, 0.5], "MODEL.ROI_HEADS.IOU_LABELS", [-1, 0, 1]]
 _QUARTER_FG = ["MODEL.ROI_HEADS.POSITIVE_FRACTION", 0.25]
 
-# name -> (description, head kind: stock / heuristics / ohem, overrides)
+# name -> (description, head kind: a key of HEADS_BY_KIND, overrides)
 ARMS = OrderedDict(
     [
         ("fast_rcnn_heuristics", ("Fast R-CNN sampler: bg_lo 0.1, 1:3 fg:bg", "heuristics",
@@ -41,6 +57,18 @@ ARMS = OrderedDict(
                               _NO_BG_LO + ["MODEL.OHEM.HARDNESS", "probability"])),
         ("ohem_hard_positive", ("OHEM with the hardest fg guaranteed 25% of the batch", "ohem",
                                 _NO_BG_LO + ["MODEL.OHEM.MIN_FG_FRACTION", 0.25])),
+        ("ohem_uncertainty", ("OHEM ranked by 1 - p(top class), label-free", "ohem",
+                              _NO_BG_LO + ["MODEL.OHEM.HARDNESS", "uncertainty"])),
+        ("ohem_margin", ("OHEM ranked by 1 - (p_top1 - p_top2), label-free", "ohem",
+                         _NO_BG_LO + ["MODEL.OHEM.HARDNESS", "margin"])),
+        ("ohem_importance_sampling", ("B/N RoIs per image drawn in proportion to loss, importance-weighted",
+                                      "ohem", _NO_BG_LO + ["MODEL.OHEM.SELECTION", "importance_sampling"])),
+        ("mmdet_ohem", ("mmdetection's OHEMSampler: 25% fg quota, ranked by cls loss, no NMS", "ohem",
+                        _NO_BG_LO + ["MODEL.OHEM.SELECTION", "stratified", "MODEL.OHEM.LOSS", "cls",
+                                     "MODEL.OHEM.NMS_THRESH", 1.0, "MODEL.OHEM.FG_FRACTION", 0.25])),
+        ("iou_balanced", ("Libra R-CNN sampler: negatives IoU-balanced over 3 bins, 1:3 fg:bg", "iou_balanced",
+                          _NO_BG_LO + _QUARTER_FG)),
+        ("focal", ("Detectron2 sampler, focal classification loss (gamma 2)", "focal", _NO_BG_LO + _QUARTER_FG)),
     ]
 )
 DEFAULT_ARMS = ("stock", "fast_rcnn_heuristics", "ohem")
@@ -65,11 +93,11 @@ def arm_overrides(arm, base_head):
             f"{', '.join(STOCK_TO_OHEM_HEAD)} (or their OHEM heads)"
         )
     _, kind, overrides = ARMS[arm]
-    head = {
-        "ohem": STOCK_TO_OHEM_HEAD[stock_head],
-        "heuristics": STOCK_TO_HEURISTICS_HEAD.get(stock_head, stock_head),
-    }.get(kind, stock_head)
-    return ["MODEL.ROI_HEADS.NAME", head] + overrides
+    heads = HEADS_BY_KIND[kind]
+    if stock_head not in heads:
+        raise UnknownArmError(f"arm {arm!r} has no head for the {stock_head} family; it runs on "
+                              f"{', '.join(heads)} (or their OHEM heads)")
+    return ["MODEL.ROI_HEADS.NAME", heads[stock_head]] + overrides
 
 
 def describe(arm):
@@ -88,7 +116,7 @@ def _head_classes():
     """Registered ROI head name -> class, for a LazyConfig's ``_target_``."""
     from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
-    from . import roi_heads  # noqa: F401 (registers the OHEM heads)
+    from . import focal_loss, iou_balanced, roi_heads  # noqa: F401 (register the heads)
 
     return {name: cls for name, cls in ROI_HEADS_REGISTRY}
 
@@ -97,11 +125,13 @@ def apply_arm_to_lazy_model(model, arm):
     """Turn a LazyConfig ``model`` (a GeneralizedRCNN with FPN or C4 RoI heads, stock or OHEM)
     into ``arm``, in place, with the very overrides :func:`arm_overrides` gives a yacs config:
     the RoI head class, its matcher's thresholds and labels, its positive fraction, and the
-    ``ohem`` settings (an OHEMSettings node, added for an OHEM arm and removed for the others).
+    ``ohem`` settings (an OHEMSettings node, added for an OHEM arm and removed for the others);
+    the ``focal`` arm's box predictor becomes a FocalLossOutputLayers (its default gamma).
     Returns ``model``."""
     from detectron2.config import LazyCall
 
     from .config import OHEMSettings
+    from .focal_loss import FocalLossOutputLayers
 
     heads = model.roi_heads
     target = heads._target_
@@ -116,6 +146,8 @@ def apply_arm_to_lazy_model(model, arm):
         del heads["ohem"]
     if ARMS[arm][1] == "ohem":
         heads.ohem = LazyCall(OHEMSettings)()
+    if ARMS[arm][1] == "focal":
+        heads.box_predictor._target_ = FocalLossOutputLayers
     for key, value in pairs.items():
         if key.startswith("MODEL.OHEM."):
             heads.ohem[key[len("MODEL.OHEM."):].lower()] = value

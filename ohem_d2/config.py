@@ -7,6 +7,7 @@ all for the paper's settings. It validates itself when made, so a bad value stop
 one line naming the key and the fix, when the model is built, not with a traceback from deep
 inside a training step.
 """
+import math
 from dataclasses import dataclass, fields
 
 from detectron2.config import CfgNode as CN
@@ -48,21 +49,28 @@ class OHEMSettings:
     log_diagnostics: bool = True
     # How the hard RoIs are chosen after the NMS, a name in ohem_d2.OHEM_SELECTION_REGISTRY:
     # "per_image" (paper: the B/N hardest of each image), "per_batch" (the N * B/N hardest of the
-    # batch), "stratified" (per image, foreground / background quotas filled by hardness), or one
-    # you registered. See docs/STRATEGIES.md.
+    # batch), "stratified" (per image, foreground / background quotas filled by hardness),
+    # "importance_sampling" (B/N drawn per image in proportion to hardness, weighted to keep the
+    # loss unbiased), or one you registered. See docs/STRATEGIES.md.
     selection: str = "per_image"
     # What "hard" means, a name in ohem_d2.OHEM_HARDNESS_REGISTRY: "loss" (paper: the per-RoI loss
-    # per LOSS) or "probability" (1 - p(true class)), or one you registered.
+    # per LOSS), "probability" (1 - p(true class)), the label-free "uncertainty" (1 - p(top class))
+    # and "margin" (1 - (p_top1 - p_top2)), or one you registered.
     hardness: str = "loss"
     # "stratified" only: the foreground share of each image's budget (as POSITIVE_FRACTION).
     fg_fraction: float = 0.25
     # Hard positives: each image keeps at least its floor(MIN_FG_FRACTION * B/N) hardest foreground
     # RoIs (all of them if it has fewer), the rest of the budget by hardness. 0.0: off.
     min_fg_fraction: float = 0.0
+    # "importance_sampling" only: RoIs are drawn with probability proportional to
+    # hardness ** (1 / SAMPLING_TEMPERATURE): 1.0 in proportion to hardness, larger flattens towards
+    # uniform, smaller concentrates on the hardest.
+    sampling_temperature: float = 1.0
 
     def __post_init__(self):
         _validate(self)
-        for name in ("nms_thresh", "fg_fraction", "min_fg_fraction"):  # 1 -> 1.0, as yacs may give
+        # 1 -> 1.0, as yacs may give
+        for name in ("nms_thresh", "fg_fraction", "min_fg_fraction", "sampling_temperature"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
@@ -148,3 +156,8 @@ def _validate(s):
     _check(_is_fraction(s.min_fg_fraction), "MODEL.OHEM.MIN_FG_FRACTION", s.min_fg_fraction,
            "a fraction in [0, 1] (the share of each image's budget reserved for its hardest "
            "foreground RoIs; 0.0 turns it off)")
+    _check(isinstance(s.sampling_temperature, (int, float)) and not isinstance(s.sampling_temperature, bool)
+           and 0.0 < s.sampling_temperature < math.inf,
+           "MODEL.OHEM.SAMPLING_TEMPERATURE", s.sampling_temperature,
+           "a number > 0 (SELECTION \"importance_sampling\" draws RoIs with probability proportional to "
+           "hardness ** (1 / SAMPLING_TEMPERATURE); 1.0: proportional)")

@@ -14,7 +14,20 @@ registered in :data:`OHEM_HARDNESS_REGISTRY` under its ``__name__``:
   for background (no class fires). Both are exp(-unweighted classification loss), so this hardness
   ranks RoIs as ``LOSS: "cls"`` does; it differs in scale: bounded in [0, 1] (it saturates at 1
   for RoIs with p(true) below ~6e-8 in fp32, which then tie), independent of the loss weights
-  and of the box term. ``MODEL.OHEM.LOSS`` does not apply to it.
+  and of the box term. ``MODEL.OHEM.LOSS`` does not apply to it;
+* ``uncertainty``: 1 - p(the classifier's most probable label), label-free: how unsure the
+  classifier is, whatever the RoI's label ("suspicious" RoIs, those whose top probability is low).
+  Softmax: 1 - max softmax(scores), background included. Sigmoid CE: 1 - prod_j max(sigmoid(s_j),
+  1 - sigmoid(s_j)), the probability that at least one of the K per-class decisions is wrong, with
+  the same label vectors as ``probability``. Where the classifier's top label is the true one it
+  equals ``probability``; otherwise it is smaller: a confidently *wrong* RoI (often a missing or
+  wrong annotation) is easy here and hard for the loss, a look-alike the classifier hesitates
+  over is hard here whatever its label;
+* ``margin``: 1 - (p_top1 - p_top2), the two most probable labels' probabilities (sigmoid CE: the
+  second is the top label vector with its least certain decision flipped). Also label-free; near
+  1 where the top two labels are close (a look-alike split between two classes, or between a
+  class and background), however the rest of the probability is spread, where ``uncertainty``
+  only says how low the top one is.
 
 The functions run without autograd and autocast, on detached inputs; they must return a float
 tensor of shape (R,) on the device, without a host sync.
@@ -74,6 +87,35 @@ def probability(inputs: HardnessInputs):
     log_p = log_prob_of_true_label(inputs.predictions[0], inputs.gt_classes,
                                    inputs.box_predictor.use_sigmoid_ce)
     return -torch.expm1(log_p)  # 1 - p, exact for easy RoIs (p near 1)
+
+
+def top_two_label_log_probs(scores, use_sigmoid_ce):
+    """(R,), (R,): log-probabilities of the classifier's most probable and second most probable
+    labels. Softmax: the two largest of log-softmax over the K + 1 classes. Sigmoid CE: label
+    vectors of independent sigmoids, as :func:`log_prob_of_true_label`: the top one takes each
+    class's likelier decision, sum_j log sigmoid(|s_j|); flipping decision j multiplies it by
+    exp(-|s_j|), so the runner-up flips the least certain one."""
+    scores = scores.float()
+    if not use_sigmoid_ce:
+        top = F.log_softmax(scores, dim=1).topk(2, dim=1).values
+        return top[:, 0], top[:, 1]
+    logits = scores[:, :-1]  # the last column is unused by sigmoid CE
+    log_top = F.logsigmoid(logits.abs()).sum(dim=1)
+    return log_top, log_top - logits.abs().min(dim=1).values
+
+
+@OHEM_HARDNESS_REGISTRY.register()
+def uncertainty(inputs: HardnessInputs):
+    """1 - p(most probable label) in [0, 1], label-free: see the module docstring."""
+    log_top, _ = top_two_label_log_probs(inputs.predictions[0], inputs.box_predictor.use_sigmoid_ce)
+    return -torch.expm1(log_top)
+
+
+@OHEM_HARDNESS_REGISTRY.register()
+def margin(inputs: HardnessInputs):
+    """1 - (p_top1 - p_top2) in [0, 1], label-free: see the module docstring."""
+    log_top, log_second = top_two_label_log_probs(inputs.predictions[0], inputs.box_predictor.use_sigmoid_ce)
+    return 1.0 - torch.exp(log_top) * -torch.expm1(log_second - log_top)  # p1 * (1 - p2 / p1)
 
 
 def registered_hardness():

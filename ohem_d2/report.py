@@ -105,8 +105,11 @@ def lookalike_inputs(run_dir):
     config_file = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_file):
         raise LookalikesUnavailable("no config.yaml in the run folder")
-    with open(config_file) as f:
-        datasets = (yaml.safe_load(f) or {}).get("DATASETS", {})
+    try:
+        with open(config_file) as f:
+            datasets = (yaml.safe_load(f) or {}).get("DATASETS", {})
+    except yaml.YAMLError:  # a LazyConfig's config.yaml holds Python objects
+        raise LookalikesUnavailable("config.yaml is not a yacs config (look-alikes are counted for yacs runs)") from None
     if not datasets.get("TEST"):
         raise LookalikesUnavailable("no test set")
     name = datasets["TEST"][0]

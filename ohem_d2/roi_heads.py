@@ -10,7 +10,9 @@ and ``OHEMRes5ROIHeads`` (C4) replace Detectron2's RoI sampler during training:
   (:mod:`ohem_d2.hardness`, ``MODEL.OHEM.HARDNESS``); the selection strategy of
   :mod:`ohem_d2.selection` (``MODEL.OHEM.SELECTION``) keeps the hardest; the stock
   trainable forward and backward then run on those alone, so the backward pass
-  costs what the baseline's does;
+  costs what the baseline's does (a strategy may also weight the RoIs it keeps,
+  as ``importance_sampling`` does: the trainable box losses are then weighted
+  means of the per-RoI losses);
 * ``loss_zeroing`` mode: one trainable forward on all RoIs whose losses outside
   the hard set are zeroed, the costly alternative the paper argues against.
 
@@ -37,9 +39,10 @@ from detectron2.modeling.roi_heads import (
     StandardROIHeads,
     select_foreground_proposals,
 )
-from detectron2.structures import ImageList, Instances
+from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
+from detectron2.structures import Boxes, ImageList, Instances
 
-from .config import OHEMSettings, check_box_predictor_for_ohem
+from .config import OHEMConfigError, OHEMSettings, check_box_predictor_for_ohem
 from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats
 from .hardness import OHEM_HARDNESS_REGISTRY, HardnessInputs
 from .roi_loss import per_roi_losses
@@ -57,6 +60,11 @@ class OHEMMixin:
     single box stage (FPN, C4) have only stage 0; a cascade has one per cascade stage, its box
     predictors in ``self.box_predictor[stage]``.
     """
+
+    # Whether the head's two-pass trainable box losses come from :meth:`_box_losses`, which applies
+    # the per-RoI weights a selection strategy may return (``loss_zeroing`` applies them in every
+    # head). A head without it refuses such a strategy in two-pass mode rather than ignore its weights.
+    applies_roi_weights = False
 
     @configurable
     def __init__(self, *, ohem: OHEMSettings = OHEMSettings(), **kwargs):
@@ -239,15 +247,27 @@ class OHEMMixin:
             nms_thresh=self.ohem.nms_thresh,
             fg_fraction=self.ohem.fg_fraction,
             min_fg_fraction=self.ohem.min_fg_fraction,
+            sampling_temperature=self.ohem.sampling_temperature,
         )
-        selected, num_after_nms = OHEM_SELECTION_REGISTRY.get(self.ohem.selection)(inputs)
+        selected, num_after_nms, *weights = OHEM_SELECTION_REGISTRY.get(self.ohem.selection)(inputs)
+        weights = weights[0] if weights else None
+        if weights is not None and self.ohem.mode == "two_pass" and not self.applies_roi_weights:
+            raise OHEMConfigError(
+                f"MODEL.OHEM.SELECTION = {self.ohem.selection!r} is invalid: expected a strategy without "
+                f"RoI weights for {type(self).__name__} in MODE 'two_pass', whose trainable pass does not "
+                "apply them (MODE 'loss_zeroing' does)."
+            )
         # Group by image, keeping the strategy's order inside each (a no-op for the built-ins).
-        selected = selected[torch.sort(image_ids[selected], stable=True)[1]]
+        by_image = torch.sort(image_ids[selected], stable=True)[1]
+        selected = selected[by_image]
         per_image = torch.bincount(image_ids[selected], minlength=num_images).tolist()
         starts = [sum(lengths[:i]) for i in range(num_images)]
         mined = [
             p[idx - start] for p, idx, start in zip(proposals, selected.split(per_image), starts)
         ]
+        if weights is not None:  # carried by the mined RoIs to the trainable losses, as ohem_weight
+            for p, w in zip(mined, weights[by_image].float().split(per_image)):
+                p.ohem_weight = w
         if self.ohem.log_diagnostics:
             record_mining_stats(
                 mining_stats(hardness, is_fg, max_iou_with_gt(proposals), selected, num_images, num_after_nms)
@@ -267,13 +287,36 @@ class OHEMMixin:
         hardness = self._hardness(box_predictor, predictions, proposals, cls_loss, box_loss)
         selected, mined = self._select(hardness, proposals)
         keep = torch.zeros_like(cls_loss)
-        keep[selected] = 1.0
+        weights = _roi_weights(mined)
+        keep[selected] = 1.0 if weights is None else weights
         num_mined = max(len(selected), 1)
         losses = {
             "loss_cls": (cls_loss * keep).sum() / num_mined,
             "loss_box_reg": (box_loss * keep).sum() / num_mined,
         }
         return predictions, mined, losses
+
+    def _box_losses(self, box_predictor, predictions, mined):
+        """The trainable pass's box losses on the mined RoIs: the predictor's own (means), or where
+        the selection strategy weighted the RoIs, the weighted means (1/M) sum_j w_j l_j of their
+        per-RoI losses (M mined RoIs), normalised as :meth:`_loss_zeroing` normalises."""
+        weights = _roi_weights(mined)
+        if weights is None:
+            return box_predictor.losses(predictions, mined)
+        _log_classification_stats(predictions[0], torch.cat([p.gt_classes for p in mined]))
+        cls_loss, box_loss = per_roi_losses(box_predictor, predictions, mined)
+        num_mined = max(len(weights), 1)
+        return {
+            "loss_cls": (cls_loss * weights).sum() / num_mined,
+            "loss_box_reg": (box_loss * weights).sum() / num_mined,
+        }
+
+
+def _roi_weights(mined):
+    """The selection strategy's weights of the mined RoIs, flat, or None where it gave none."""
+    if not mined[0].has("ohem_weight"):
+        return None
+    return torch.cat([p.ohem_weight for p in mined])
 
 
 def _box_targets(targets):
@@ -289,6 +332,8 @@ def _box_targets(targets):
 @ROI_HEADS_REGISTRY.register()
 class OHEMROIHeads(OHEMMixin, StandardROIHeads):
     """:class:`StandardROIHeads` (FPN; box, mask and keypoint heads) trained with OHEM."""
+
+    applies_roi_weights = True
 
     def _box_predictions(self, features, proposals, stage):
         boxes = [p.proposal_boxes for p in proposals]
@@ -320,7 +365,10 @@ class OHEMROIHeads(OHEMMixin, StandardROIHeads):
         box_features = [features[f] for f in self.box_in_features]
         if self.ohem.mode == "two_pass":
             _, mined = self._mine(box_features, proposals)
-            losses = self._forward_box(features, mined)
+            if _roi_weights(mined) is None:
+                losses = self._forward_box(features, mined)
+            else:
+                losses = self._forward_weighted_box(box_features, mined)
         else:
             _, mined, losses = self._loss_zeroing(box_features, proposals)
         # The mask and keypoint heads train on the foreground among the mined RoIs.
@@ -329,10 +377,23 @@ class OHEMROIHeads(OHEMMixin, StandardROIHeads):
         losses.update(self._forward_keypoint(features, mined))
         return mined, losses
 
+    def _forward_weighted_box(self, box_features, mined):
+        """Detectron2's ``_forward_box`` in training, with the strategy's RoI weights in the losses."""
+        predictions = self._box_predictions(box_features, mined, 0)
+        losses = self._box_losses(self.box_predictor, predictions, mined)
+        if self.train_on_pred_boxes:  # as Detectron2: later heads train on the predicted boxes
+            with torch.no_grad():
+                pred_boxes = self.box_predictor.predict_boxes_for_gt_classes(predictions, mined)
+            for p, boxes in zip(mined, pred_boxes):
+                p.proposal_boxes = Boxes(boxes)
+        return losses
+
 
 @ROI_HEADS_REGISTRY.register()
 class OHEMRes5ROIHeads(OHEMMixin, Res5ROIHeads):
     """:class:`Res5ROIHeads` (C4; box and mask heads) trained with OHEM."""
+
+    applies_roi_weights = True
 
     def _box_predictions(self, features, proposals, stage):
         box_features = self._shared_roi_transform(features, [p.proposal_boxes for p in proposals])
@@ -379,7 +440,7 @@ class OHEMRes5ROIHeads(OHEMMixin, Res5ROIHeads):
             # Detectron2's Res5ROIHeads training step, on the mined RoIs only.
             box_features = self._shared_roi_transform(features, [p.proposal_boxes for p in mined])
             predictions = self.box_predictor(box_features.mean(dim=[2, 3]))
-            losses = self.box_predictor.losses(predictions, mined)
+            losses = self._box_losses(self.box_predictor, predictions, mined)
             losses.update(self._mask_losses(features, mined, box_features))
         else:
             _, mined, losses = self._loss_zeroing(features, proposals)

@@ -16,17 +16,24 @@ Step 3 is a *selection strategy*, chosen by ``MODEL.OHEM.SELECTION`` among the f
 * ``per_image`` (default, the paper): the B/N hardest of each image;
 * ``per_batch``: the N * B/N hardest of the whole batch, wherever they are;
 * ``stratified`` (S-OHEM style): per image, a foreground quota (``MODEL.OHEM.FG_FRACTION`` of
-  B/N) and a background quota, each filled by hardness, one lending to the other when short.
+  B/N) and a background quota, each filled by hardness, one lending to the other when short;
+* ``importance_sampling``: weighting instead of selecting: per image, B/N draws in proportion to
+  hardness (tempered by ``MODEL.OHEM.SAMPLING_TEMPERATURE``), each drawn RoI weighted so that the
+  trainable loss is an unbiased estimate of the mean loss over all candidates.
 
-``MODEL.OHEM.MIN_FG_FRACTION`` (hard positives) is honoured by all three; see each docstring.
+``MODEL.OHEM.MIN_FG_FRACTION`` (hard positives) is honoured by the first three; see each docstring.
 
-A strategy is a function ``fn(inputs: SelectionInputs) -> (indices, num_after_nms)``:
+A strategy is a function ``fn(inputs: SelectionInputs) -> (indices, num_after_nms)`` or
+``-> (indices, num_after_nms, weights)``:
 
 * ``indices``: int64 tensor of distinct flat RoI indices to train on, on the device (the head
   regroups them by image itself, so any order is accepted; the built-in strategies return them
   grouped by image, hardest first);
 * ``num_after_nms``: how many RoIs survived its de-duplication (``len(inputs.hardness)`` if it
-  does none); a Python int or a 0-dim tensor, only logged.
+  does none); a Python int or a 0-dim tensor, only logged;
+* ``weights`` (optional): float tensor, one per index, the RoI's factor in the trainable box
+  losses, which become (1/M) sum_j w_j l_j over the M selected RoIs (all ones: the unweighted
+  mean a strategy without weights trains on). The head applies them in both modes.
 
 Register your own with ``@OHEM_SELECTION_REGISTRY.register()`` (the function's ``__name__`` is
 its config name) and set ``MODEL.OHEM.SELECTION`` to that name.
@@ -64,6 +71,7 @@ class SelectionInputs:
     nms_thresh: float  # MODEL.OHEM.NMS_THRESH (1.0: no NMS)
     fg_fraction: float = 0.25  # MODEL.OHEM.FG_FRACTION (used by "stratified")
     min_fg_fraction: float = 0.0  # MODEL.OHEM.MIN_FG_FRACTION (0: off)
+    sampling_temperature: float = 1.0  # MODEL.OHEM.SAMPLING_TEMPERATURE (used by "importance_sampling")
 
 
 def deduplicate(boxes, hardness, image_ids, nms_thresh):
@@ -206,6 +214,56 @@ def stratified(inputs: SelectionInputs):
     take_bg = torch.minimum(num_bg, q_bg + (q_fg - num_fg).clamp(min=0))
     limit = torch.stack([take_bg, take_fg], dim=1).view(-1)
     return _kept_grouped_by_image(order, rank < limit[key], inputs), len(order)
+
+
+@OHEM_SELECTION_REGISTRY.register()
+def importance_sampling(inputs: SelectionInputs):
+    """Weighting instead of selecting: every candidate may train, with a weight for its chance.
+
+    Per image, after the NMS: an image with at most B/N candidates trains on all of them; any other
+    draws B/N RoIs with replacement, candidate j with probability q_j proportional to
+    hardness_j ** (1 / SAMPLING_TEMPERATURE) (1.0: proportional to hardness; larger flattens
+    towards uniform, smaller concentrates on the hardest; negative hardness counts as 0, and an
+    image whose candidates all have hardness 0 draws uniformly). A RoI drawn c_j times, which it is
+    e_j = B/N * q_j times on average (e_j = 1 where the image trains on all), gets the weight
+
+        w_j = (c_j / e_j) * M / R,    M RoIs drawn at least once in the batch, R candidates,
+
+    so that the trainable loss (1/M) sum_j w_j l_j = (1/R) sum_j (c_j / e_j) l_j has as its
+    expectation over the draws the mean loss over all R candidates of the batch (Hansen-Hurwitz).
+    With the default hardness ``loss`` and temperature 1, q_j is proportional to l_j, so every
+    draw contributes the same weighted loss, the mean itself: the estimate of the loss has no
+    variance (its gradient still has). A candidate with hardness 0 is never drawn: the estimate
+    stays unbiased where its loss is 0 too, as with ``loss``.
+
+    Cost: the read-only pass as two-pass OHEM, then one multinomial draw; the trainable pass runs
+    on the distinct drawn RoIs, at most B/N per image (fewer where draws repeat, a hardness
+    concentrated on a few RoIs: raise the temperature). ``MIN_FG_FRACTION`` and ``FG_FRACTION``
+    do not apply.
+    """
+    order = deduplicate(inputs.boxes, inputs.hardness, inputs.image_ids, inputs.nms_thresh)
+    n, draws, num_candidates = inputs.num_images, inputs.batch_size_per_image, len(order)
+    # One row per image, one column per candidate of that image (its rank in `order`).
+    ids = inputs.image_ids[order]
+    rows, cols = ids, rank_in_group(ids, n)
+    present = torch.zeros(n, max(num_candidates, 1), device=order.device)
+    present[rows, cols] = 1.0
+    per_image = present.sum(dim=1, keepdim=True)
+    score = torch.zeros_like(present)
+    score[rows, cols] = inputs.hardness[order].float().clamp(min=0) ** (1.0 / inputs.sampling_temperature)
+    score = torch.where(score.sum(dim=1, keepdim=True) > 0, score, present)
+    score[:, 0] += (per_image[:, 0] == 0).float()  # an image without candidates: a row never read
+    probs = score / score.sum(dim=1, keepdim=True)
+    drawn = torch.multinomial(probs, draws, replacement=True)
+    times_drawn = torch.zeros_like(present).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=present.dtype))
+    takes_all = per_image <= draws
+    count = torch.where(takes_all, present, times_drawn)[rows, cols]
+    expected = torch.where(takes_all, present, draws * probs)[rows, cols]
+    kept = count > 0
+    indices = order[kept]
+    weights = count[kept] / expected[kept] * (len(indices) / max(num_candidates, 1))
+    by_image = torch.sort(inputs.image_ids[indices], stable=True)[1]
+    return indices[by_image], num_candidates, weights[by_image]
 
 
 def registered_strategies():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
 from ohem_d2 import add_ohem_config
@@ -58,6 +59,18 @@ def pytest_collection_modifyitems(config, items):
                   f"torch.cuda.is_available() is False); run without --device for the CPU suite")
         for item in items:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _forget_datasets_the_test_registered():
+    """Dataset names are process-wide in Detectron2, and the tests register the same names
+    (``synthetic_train``, ...) for their own temporary folders: each test starts with the names
+    registered before it."""
+    before = set(DatasetCatalog.list())
+    yield
+    for name in set(DatasetCatalog.list()) - before:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def device():

@@ -19,10 +19,12 @@ def test_arm_overrides_on_the_stock_config_give_the_arm_config(ohem_config, arm)
 
 
 def test_every_arm_builds_from_an_ohem_base_and_unknown_arms_are_refused():
-    for arm in ARMS:
-        assert arm_overrides(arm, "OHEMROIHeads")[:2] == ["MODEL.ROI_HEADS.NAME",
-                                                          "OHEMROIHeads" if arm.startswith("ohem") else "StandardROIHeads"]
+    heads = {"ohem": "OHEMROIHeads", "iou_balanced": "IoUBalancedROIHeads", "focal": "FocalLossROIHeads"}
+    for arm, (_, kind, _) in ARMS.items():
+        assert arm_overrides(arm, "OHEMROIHeads")[:2] == ["MODEL.ROI_HEADS.NAME", heads.get(kind, "StandardROIHeads")]
     with pytest.raises(UnknownArmError, match="unknown arm 'ohme'"):
         arm_overrides("ohme", "StandardROIHeads")
     with pytest.raises(UnknownArmError, match="no OHEM counterpart"):
         arm_overrides("ohem", "RROIHeads")
+    with pytest.raises(UnknownArmError, match="arm 'focal' has no head for the CascadeROIHeads family"):
+        arm_overrides("focal", "CascadeROIHeads")

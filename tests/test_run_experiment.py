@@ -96,9 +96,9 @@ def test_visualize_mining_draws_the_mined_rois(tmp_path):
 
 
 
-def coco128_subset(root, split, count, out):
-    """The first ``count`` images of a coco128 split as a COCO JSON file at ``out``."""
-    coco = json.loads((root / "annotations" / f"instances_{split}2017.json").read_text())
+def coco128_subset(root, split, count, out, segm=False):
+    """The first ``count`` images of a coco128 split (with masks: ``segm``) as a COCO JSON file at ``out``."""
+    coco = json.loads((root / "annotations" / f"instances_{split}2017{'_segm' if segm else ''}.json").read_text())
     coco["images"] = coco["images"][:count]
     ids = {im["id"] for im in coco["images"]}
     coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in ids]

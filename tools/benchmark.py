@@ -110,7 +110,10 @@ ARMS = {
     "stock": ("", []),
     "two_pass": ("_ohem", ["MODEL.OHEM.MODE", "two_pass"]),
     "loss_zeroing": ("_ohem", ["MODEL.OHEM.MODE", "loss_zeroing"]),
+    # Weighting instead of selecting: two-pass plus a multinomial draw and weighted losses.
+    "importance_sampling": ("_ohem", ["MODEL.OHEM.MODE", "two_pass", "MODEL.OHEM.SELECTION", "importance_sampling"]),
 }
+DEFAULT_ARMS = ("stock", "two_pass", "loss_zeroing")  # the others when asked for with --arms
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,8 @@ def parse_args(argv):
     parser.add_argument("--suite", choices=sorted(SUITES), default="cpu",
                         help="preset sizes and defaults: gpu = the real R50 measurement (CUDA), "
                              "cpu = smoke-size run (default: cpu)")
-    parser.add_argument("--arms", help="comma-separated arms (default: all: " + ",".join(ARMS) + ")")
+    parser.add_argument("--arms", help="comma-separated arms among " + ",".join(ARMS)
+                        + " (default: " + ",".join(DEFAULT_ARMS) + ")")
     parser.add_argument("--heads", help="comma-separated heads among " + ",".join(HEADS)
                         + " (default: the suite's; mask needs mask annotations, so it runs alone)")
     parser.add_argument("--precisions", help="comma-separated precisions among " + ",".join(PRECISIONS)
@@ -274,7 +278,7 @@ def make_plan(args):
     if len(args.opts) % 2:
         raise BenchmarkError(f"config overrides must be KEY VALUE pairs, got {len(args.opts)} items: "
                              f"{' '.join(args.opts)}")
-    arms = _pick(args.arms, ARMS, "arm") if args.arms is not None else list(ARMS)
+    arms = _pick(args.arms, ARMS, "arm") if args.arms is not None else list(DEFAULT_ARMS)
     heads = _pick(args.heads, HEADS, "head") if args.heads is not None else list(suite["heads"])
     precisions = (_pick(args.precisions, PRECISIONS, "precision") if args.precisions is not None
                   else list(suite["precisions"]))

@@ -2,8 +2,9 @@
 """Baseline versus OHEM: train every arm the same way, evaluate, print and plot the comparison.
 
 Each arm is the base config with only its RoI-choosing keys changed (see ohem_d2/arms.py), run
-with the same seeds, data order, schedule and RoI budget by tools/train_net.py in its own
-output folder OUTPUT/ARM/seed_S. Re-running the same command resumes: finished runs are
+with the same seeds, data order, schedule and RoI budget by tools/train_net.py (a ``.py``
+LazyConfig base: tools/lazyconfig_train_net.py, overrides ``path.key=value``) in its own output
+folder OUTPUT/ARM/seed_S. Re-running the same command resumes: finished runs are
 skipped, an interrupted run continues from its last checkpoint, and a folder that holds a run
 with other settings is never overwritten. The report (results.json, results.md, loss.png, ap.png,
 mining.png) is rebuilt from the run folders at the end.
@@ -15,6 +16,8 @@ trained from scratch, sized for a 2-core CPU.
     python tools/run_experiment.py                       # the embedded default, CPU
     python tools/run_experiment.py --config-file configs/PascalVOC-Detection/faster_rcnn_R_50_FPN.yaml \
         --arms stock fast_rcnn_heuristics ohem --seeds 0 1 2 --num-gpus 8 --output output/voc_ohem
+    python tools/run_experiment.py --config-file configs/new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ_ohem.py \
+        --arms stock ohem --seeds 0 1 2 --num-gpus 8 train.max_iter=90000
 """
 import argparse
 import json
@@ -28,14 +31,15 @@ import time
 import torch
 from tqdm import tqdm
 
-from ohem_d2.arms import ARMS, DEFAULT_ARMS, UnknownArmError, arm_overrides, describe
+from ohem_d2.arms import ARMS, DEFAULT_ARMS, UnknownArmError, describe
 from ohem_d2.report import SCORE_THRESHOLD, choose_reference, read_metrics, write_report
 from ohem_d2.synthetic_data import SyntheticDatasetError, generate_synthetic_dataset
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
-from train_net import USER_ERRORS, argument_parser as train_argument_parser, build_config  # noqa: E402
+from experiment_configs import config_kind  # noqa: E402
+from lazyconfig_train_net import LAZY_USER_ERRORS  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Synthetic-Detection", "faster_rcnn_R_18_FPN_scratch.yaml")
 POLL_SECONDS = 2.0
@@ -105,8 +109,9 @@ def processes_per_run(args):
 
 
 def plan_runs(args):
-    """The runs of the experiment: {(arm, seed): (run_dir, train_net argv)}, and the experiment spec."""
+    """The runs of the experiment: {(arm, seed): (run_dir, training argv)}, and the experiment spec."""
     config = os.path.abspath(args.config_file or DEFAULT_CONFIG)
+    kind = config_kind(config)
     # The children run in the repository root: every path they get is made absolute here, against
     # the caller's directory, where it was meant (and where build_config checks it).
     register_coco = [[name, os.path.abspath(json_file), os.path.abspath(image_root)]
@@ -119,33 +124,31 @@ def plan_runs(args):
         register_coco += entries
     common = ["--config-file", config, "--num-gpus", str(processes_per_run(args))]
     opts = list(args.opts)
-    if "MODEL.DEVICE" not in opts[::2]:  # train where this machine can: the GPU if there is one
-        opts = ["MODEL.DEVICE", "cuda" if torch.cuda.is_available() else "cpu"] + opts
+    if kind.device_of(opts) is None:  # train where this machine can: the GPU if there is one
+        opts = kind.device_opts("cuda" if torch.cuda.is_available() else "cpu") + opts
     for entry in register_coco:
         common += ["--register-coco", *entry]
     for entry in register_voc:
         common += ["--register-voc", *entry]
-    base = build_config(train_argument_parser().parse_args(common + opts))
+    base = kind.build_config(kind.argument_parser().parse_args(common + opts))
     output = os.path.abspath(args.output or os.path.join("output", "experiment_" + os.path.splitext(os.path.basename(config))[0]))
-    runs = {}
+    runs, arms = {}, {}
     for arm in args.arms:
-        overrides = [str(v) for v in arm_overrides(arm, base.MODEL.ROI_HEADS.NAME)]
+        flags, overrides = kind.arm_args(arm, base)
+        arms[arm] = {"description": describe(arm), "overrides": flags + overrides}
         for seed in args.seeds:
             run_dir = os.path.join(output, arm, f"seed_{seed}")
-            argv = common + opts + overrides + ["SEED", str(seed), "OUTPUT_DIR", run_dir]
+            argv = common + flags + opts + overrides + kind.run_opts(seed, run_dir)
             # Every arm's config is valid; its datasets are the base's, checked once above.
-            build_config(train_argument_parser().parse_args(argv), check=False)
+            kind.build_config(kind.argument_parser().parse_args(argv), check=False)
             runs[(arm, seed)] = (run_dir, argv)
     experiment = {
         "base_config": config,
-        "arms": {a: {"description": describe(a), "overrides": arm_overrides(a, base.MODEL.ROI_HEADS.NAME)}
-                 for a in args.arms},
+        "arms": arms,
         "seeds": args.seeds,
         "opts": opts,
-        "max_iter": base.SOLVER.MAX_ITER,
-        "ims_per_batch": base.SOLVER.IMS_PER_BATCH,
-        "train": list(base.DATASETS.TRAIN),
-        "test": list(base.DATASETS.TEST),
+        "device": kind.device_of(opts),
+        **kind.schedule(base),
         "synthetic_dataset": synthetic.settings if synthetic else None,
     }
     return output, runs, experiment
@@ -185,9 +188,10 @@ def last_iteration(run_dir):
 class Run:
     """One arm and seed, trained by tools/train_net.py in a subprocess (resumable)."""
 
-    def __init__(self, arm, seed, run_dir, argv, max_iter):
+    def __init__(self, arm, seed, run_dir, argv, max_iter, kind):
         self.arm, self.seed, self.run_dir, self.argv, self.max_iter = arm, seed, run_dir, argv, max_iter
-        self.num_processes = train_argument_parser().parse_args(argv).num_gpus
+        self.tool = kind.tool
+        self.num_processes = kind.argument_parser().parse_args(argv).num_gpus
         self.port = None
         self.process = None
         self.started = None
@@ -205,7 +209,7 @@ class Run:
         self.log = open(os.path.join(self.run_dir, "train_net.out"), "a")
         self.port = port
         rendezvous = ["--dist-url", f"tcp://127.0.0.1:{port}"] if port else []
-        command = [sys.executable, os.path.join(TOOLS, "train_net.py"), "--resume", *rendezvous] + self.argv
+        command = [sys.executable, os.path.join(TOOLS, self.tool), "--resume", *rendezvous] + self.argv
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.started = time.time()
         self.save("running")
@@ -236,14 +240,9 @@ class Run:
             return "".join(f.readlines()[-lines:])
 
 
-def training_device(opts):
-    """The device type the runs train on ("cuda" or "cpu"): the last MODEL.DEVICE override wins."""
-    return dict(zip(opts[::2], opts[1::2])).get("MODEL.DEVICE", "cuda").split(":")[0]
-
-
-def default_parallel(opts, num_runs):
+def default_parallel(device, num_runs):
     """One run at a time on a GPU; on the CPU one single-threaded run per core."""
-    return 1 if training_device(opts) != "cpu" else max(1, min(os.cpu_count() or 1, num_runs))
+    return 1 if device != "cpu" else max(1, min(os.cpu_count() or 1, num_runs))
 
 
 def visible_gpus(environ):
@@ -365,11 +364,12 @@ def main(argv=None):
         for run_dir, run_argv in planned.values():
             check_same_settings(run_dir, run_argv)
         os.makedirs(output, exist_ok=True)
-        runs = [Run(arm, seed, d, a, experiment["max_iter"]) for (arm, seed), (d, a) in planned.items()]
+        kind = config_kind(experiment["base_config"])
+        runs = [Run(arm, seed, d, a, experiment["max_iter"], kind) for (arm, seed), (d, a) in planned.items()]
         if not args.report_only:
-            parallel = min(args.parallel or default_parallel(experiment["opts"], len(runs)), len(runs))
-            environments = slot_environments(child_environment(parallel), training_device(experiment["opts"]),
-                                             parallel, processes_per_run(args))
+            device = experiment["device"].split(":")[0]
+            parallel = min(args.parallel or default_parallel(device, len(runs)), len(runs))
+            environments = slot_environments(child_environment(parallel), device, parallel, processes_per_run(args))
             failures = train_all(runs, environments)
             if failures:
                 raise ExperimentError(f"{len(failures)} run(s) failed; fix the cause and re-run to resume")
@@ -381,7 +381,7 @@ def main(argv=None):
             run_dirs.setdefault(r.arm, {})[r.seed] = r.run_dir
         _, table, plots = write_report(experiment, run_dirs, output, reference=args.reference,
                                        score_threshold=args.fp_score_threshold)
-    except (ExperimentError, UnknownArmError, SyntheticDatasetError, *USER_ERRORS) as e:
+    except (ExperimentError, UnknownArmError, SyntheticDatasetError, *LAZY_USER_ERRORS) as e:
         sys.exit(f"error: {e.args[0] if e.args else e}")
     print(table)
     print(f"Results: {os.path.join(output, 'results.json')}, {os.path.join(output, 'results.md')}")

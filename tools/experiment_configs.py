@@ -1,0 +1,71 @@
+"""How tools/run_experiment.py drives each config system: yacs ``.yaml`` configs trained by
+tools/train_net.py, LazyConfig ``.py`` configs trained by tools/lazyconfig_train_net.py.
+
+An experiment is one base config turned into each arm; the two systems differ only in how a run's
+command line says the device, the seed, the output folder and the arm, and where the built config
+keeps its schedule and datasets.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import lazyconfig_train_net
+import train_net
+from ohem_d2.arms import arm_overrides
+
+
+@dataclass(frozen=True)
+class ConfigKind:
+    tool: str  # the training script in tools/
+    argument_parser: Callable  # its argument parser
+    build_config: Callable  # its build_config(args, check)
+    device_opts: Callable  # device -> overrides that train on it
+    device_of: Callable  # overrides -> the device they set, or None
+    run_opts: Callable  # (seed, run_dir) -> overrides
+    arm_args: Callable  # (arm, base config) -> (options before the overrides, overrides)
+    schedule: Callable  # base config -> {max_iter, ims_per_batch, train, test}
+
+
+def _last_value(opts, key):
+    values = [v for k, v in zip(opts[::2], opts[1::2]) if k == key]
+    return str(values[-1]) if values else None
+
+
+YACS = ConfigKind(
+    tool="train_net.py",
+    argument_parser=train_net.argument_parser,
+    build_config=train_net.build_config,
+    device_opts=lambda device: ["MODEL.DEVICE", device],
+    device_of=lambda opts: _last_value(opts, "MODEL.DEVICE"),
+    run_opts=lambda seed, run_dir: ["SEED", str(seed), "OUTPUT_DIR", run_dir],
+    arm_args=lambda arm, base: ([], [str(v) for v in arm_overrides(arm, base.MODEL.ROI_HEADS.NAME)]),
+    schedule=lambda base: {"max_iter": base.SOLVER.MAX_ITER, "ims_per_batch": base.SOLVER.IMS_PER_BATCH,
+                           "train": list(base.DATASETS.TRAIN), "test": list(base.DATASETS.TEST)},
+)
+
+
+def _lazy_device(opts):
+    values = [o.split("=", 1)[1] for o in opts if str(o).startswith("train.device=")]
+    return values[-1] if values else None
+
+
+def _lazy_schedule(base):
+    train, test = lazyconfig_train_net.dataset_names(base)
+    return {"max_iter": base.train.max_iter, "ims_per_batch": base.dataloader.train.total_batch_size,
+            "train": train, "test": test}
+
+
+LAZY = ConfigKind(
+    tool="lazyconfig_train_net.py",
+    argument_parser=lazyconfig_train_net.argument_parser,
+    build_config=lazyconfig_train_net.build_config,
+    device_opts=lambda device: [f"train.device={device}"],
+    device_of=_lazy_device,
+    run_opts=lambda seed, run_dir: [f"train.seed={seed}", f"train.output_dir={run_dir}"],
+    arm_args=lambda arm, base: (["--arm", arm], []),
+    schedule=_lazy_schedule,
+)
+
+
+def config_kind(config_file):
+    """LAZY for a ``.py`` config, YACS otherwise."""
+    return LAZY if str(config_file).endswith(".py") else YACS
