@@ -18,7 +18,7 @@ STOCK_TO_OHEM_HEAD = {
 }
 # Stock CascadeROIHeads cannot ignore proposals below bg_lo; this stock-equivalent head can.
 STOCK_TO_HEURISTICS_HEAD = {"CascadeROIHeads": "FastRCNNHeuristicsCascadeROIHeads"}
-OHEM_TO_STOCK_HEAD = {v: k for k, v in {**STOCK_TO_OHEM_HEAD, **STOCK_TO_HEURISTICS_HEAD}.items()}
+OHEM_TO_STOCK_HEAD = {v: k for mapping in (STOCK_TO_OHEM_HEAD, STOCK_TO_HEURISTICS_HEAD) for k, v in mapping.items()}
 # The peers' heads exist for the FPN and C4 families (no cascade).
 STOCK_TO_IOU_BALANCED_HEAD = {"StandardROIHeads": "IoUBalancedROIHeads", "Res5ROIHeads": "IoUBalancedRes5ROIHeads"}
 STOCK_TO_FOCAL_HEAD = {"StandardROIHeads": "FocalLossROIHeads", "Res5ROIHeads": "FocalLossRes5ROIHeads"}

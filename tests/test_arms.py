@@ -28,3 +28,11 @@ def test_every_arm_builds_from_an_ohem_base_and_unknown_arms_are_refused():
         arm_overrides("ohem", "RROIHeads")
     with pytest.raises(UnknownArmError, match="arm 'focal' has no head for the CascadeROIHeads family"):
         arm_overrides("focal", "CascadeROIHeads")
+
+
+@pytest.mark.parametrize("base", ["CascadeROIHeads", "OHEMCascadeROIHeads", "FastRCNNHeuristicsCascadeROIHeads"])
+def test_a_cascade_base_of_any_arm_gives_every_cascade_arm(base):
+    """A comparison may start from the OHEM or the heuristics cascade config as well as the stock one."""
+    assert arm_overrides("stock", base)[:2] == ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads"]
+    assert arm_overrides("ohem", base)[:2] == ["MODEL.ROI_HEADS.NAME", "OHEMCascadeROIHeads"]
+    assert arm_overrides("fast_rcnn_heuristics", base)[:2] == ["MODEL.ROI_HEADS.NAME", "FastRCNNHeuristicsCascadeROIHeads"]

@@ -1,4 +1,4 @@
-"""The comparison runner end to end on a tiny schedule, its resume, and tools/visualize_mining.py."""
+"""The comparison runner end to end on a tiny schedule, and its resume."""
 import json
 import os
 import subprocess
@@ -42,6 +42,10 @@ def test_runner_writes_results_table_and_plots(experiment):
     assert "Mining diagnostics" in table and "| ohem |" in table.split("Mining diagnostics")[1]
     for plot in ("loss.png", "ap.png", "mining.png"):
         assert (out / plot).stat().st_size > 1000
+    # Beside the plots, side-by-side pictures from the ohem arm's checkpoint (tools/visualize_mining.py).
+    pictures = sorted((out / "mining_pictures").glob("*.png"))
+    assert len(pictures) == 3 and all(str(p) in done.stdout for p in pictures)
+    assert json.loads((out / "mining_pictures" / "mining.json").read_text())
     # All arms ran the same base config, seed and schedule; only the RoI choice differs.
     argvs = [json.loads((out / arm / "seed_0" / "run.json").read_text())["argv"] for arm in results["arms"]]
     def without_roi_choice(argv):
@@ -70,30 +74,6 @@ def test_runner_unknown_arm_is_one_line(tmp_path):
     done = run_tool("run_experiment.py", "--output", tmp_path, "--data-root", tmp_path / "data",
                     "--arms", "stock", "ohme", *TINY_RUN)
     assert done.returncode != 0 and "unknown arm 'ohme'" in done.stderr and "Traceback" not in done.stderr
-
-
-def test_visualize_mining_draws_the_mined_rois(tmp_path):
-    root = require_coco128()
-    out = tmp_path / "vis"
-    done = run_tool(
-        "visualize_mining.py", "--config-file", CONFIGS / "COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem.yaml",
-        "--register-coco", "vis_train", root / "annotations/instances_train2017.json", root / "train2017",
-        "--num-images", 2, "--output", out, "DATASETS.TRAIN", "('vis_train',)", "MODEL.WEIGHTS", "",
-        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", 192, "MODEL.OHEM.BATCH_SIZE_PER_IMAGE", 16,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((out / "mining.json").read_text())
-    assert len(summary) == 2
-    import cv2
-
-    for image in summary:
-        assert len(image["mined"]) == 16
-        hardness = [m["hardness"] for m in image["mined"]]
-        assert hardness == sorted(hardness, reverse=True)  # hardest first
-        png = cv2.imread(str(out / image["png"]))
-        assert list(png.shape[:2]) == image["size_drawn"]
-
 
 
 def coco128_subset(root, split, count, out, segm=False):

@@ -38,7 +38,7 @@ from ohem_d2.synthetic_data import SyntheticDatasetError, generate_synthetic_dat
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
-from experiment_configs import config_kind  # noqa: E402
+from experiment_configs import YACS, config_kind  # noqa: E402
 from lazyconfig_train_net import LAZY_USER_ERRORS  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Synthetic-Detection", "faster_rcnn_R_18_FPN_scratch.yaml")
@@ -356,6 +356,28 @@ def train_all(runs, environments):
     return failures
 
 
+def mining_pictures(run_dirs, out_dir, num_images=3):
+    """Side-by-side pictures (tools/visualize_mining.py) of what Detectron2's sampler would train
+    on and what OHEM mines, on the first training images, from the checkpoint of the first seed
+    of the ohem arm (else of the first arm whose head has an OHEM counterpart). Returns the PNG
+    paths; none, with a note, where no arm has such a head or drawing fails: the pictures
+    illustrate the report and never stop it."""
+    from visualize_mining import USER_ERRORS as PICTURE_ERRORS
+    from visualize_mining import write_mining_pictures
+
+    arms = sorted(run_dirs, key=lambda arm: arm != "ohem")
+    arms = [arm for arm in arms if ARMS[arm][1] in ("ohem", "stock", "heuristics")]
+    if not arms:
+        return []
+    run_dir = run_dirs[arms[0]][min(run_dirs[arms[0]])]
+    try:
+        return write_mining_pictures(os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, "model_final.pth"),
+                                     out_dir, num_images)
+    except PICTURE_ERRORS as e:
+        print(f"note: no mining pictures from {run_dir}: {e.args[0] if e.args else e}")
+        return []
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -381,6 +403,8 @@ def main(argv=None):
             run_dirs.setdefault(r.arm, {})[r.seed] = r.run_dir
         _, table, plots = write_report(experiment, run_dirs, output, reference=args.reference,
                                        score_threshold=args.fp_score_threshold)
+        if kind is YACS:  # the visualiser reads yacs configs
+            plots += mining_pictures(run_dirs, os.path.join(output, "mining_pictures"))
     except (ExperimentError, UnknownArmError, SyntheticDatasetError, *LAZY_USER_ERRORS) as e:
         sys.exit(f"error: {e.args[0] if e.args else e}")
     print(table)
