@@ -130,7 +130,10 @@ def run_part(ledger, key, command, log, budget, env=None, stop_signal=signal.SIG
     if ledger.done(key):
         print(f"[{key}] done earlier: skipped", flush=True)
         return DONE
-    if budget.left() <= 0:
+    if budget.left() <= 0:  # spent before this part began (e.g. by an earlier part, or a slow start)
+        ledger.record(key, status=STOPPED, exit_code=None, command=shlex.join(command), wall_s=0.0,
+                      finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+        print(f"[{key}] {STOPPED} before it started", flush=True)
         return STOPPED
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{key}] {shlex.join(command)}", flush=True)

@@ -11,7 +11,8 @@
 # 2. For look-alikes in 5%, 20% and 60% of images (one look-alike at most, so the share of images
 #    is the generator's distractor_prob): arms stock, fast_rcnn_heuristics, ohem, mmdet_ohem and
 #    the pilot's pick, SEEDS seeds each, paired against stock.
-# Every invocation is tools/run_experiment.py, so each folder resumes and holds its own report.
+# Every invocation is tools/run_experiment.py, so each folder resumes and holds its own report;
+# scripts/rarity_summary.py then writes OUTPUT/summary.{md,png} across the three.
 # Sized for a 2-core CPU: about 80 runs of 150 iterations, two at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,3 +43,4 @@ for rarity in 0.05 0.2 0.6; do
   experiment "$rarity" "$OUTPUT/lookalikes_$rarity" "$SEEDS" stock fast_rcnn_heuristics ohem mmdet_ohem "$best"
 done
 echo "wall time: $(( ($(date +%s) - start) / 60 )) min"
+"$PYTHON" scripts/rarity_summary.py "$OUTPUT"/lookalikes_{0.05,0.2,0.6} --out "$OUTPUT"

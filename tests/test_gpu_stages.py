@@ -104,3 +104,17 @@ def test_unpack_keeps_finished_parts_and_runs_only(tmp_path):
     assert not (fresh / "study" / "stock" / "seed_0").exists()  # no checkpoint: it starts again
     with pytest.raises(gpu_stages.StageError, match="no such file"):
         gpu_stages.unpack(tmp_path / "missing.tgz", tmp_path / "other")
+
+
+def test_a_part_whose_budget_is_spent_before_it_starts_is_recorded_as_stopped(tmp_path):
+    """A slow machine can spend a short budget before the first part starts (the environment probe
+    imports torch): the ledger must still say the stage stopped, so that a resume knows."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_stages
+
+    ledger_ = gpu_stages.Ledger(tmp_path)
+    spent = gpu_stages.Budget(deadline=0.0)
+    status = gpu_stages.run_part(ledger_, "study", [sys.executable, "-c", "raise SystemExit(5)"],
+                                 tmp_path / "study.log", spent)
+    assert status == gpu_stages.STOPPED and not (tmp_path / "study.log").exists()  # never started
+    assert ledger(tmp_path)["study"]["status"] == "stopped at the budget"
