@@ -18,12 +18,11 @@ import json
 import logging
 import os
 import sys
-from unittest import mock
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.data import DatasetCatalog
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks, launch
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from omegaconf import ListConfig
@@ -38,7 +37,7 @@ from train_net import (  # noqa: E402
     PeakMemoryHook,
     _create_ddp_model,
     argument_parser as train_net_argument_parser,
-    worker_environment,
+    launch_workers,
 )
 
 logger = logging.getLogger("detectron2")
@@ -176,9 +175,7 @@ def cli(argv=None):
     except LAZY_USER_ERRORS as e:
         logger.debug("invalid input", exc_info=True)
         sys.exit(f"error: {e.args[0] if e.args else e}")
-    with mock.patch.dict(os.environ, worker_environment(cfg.train.get("device", "cuda"), args)):
-        return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                      dist_url=args.dist_url, args=(args,))
+    return launch_workers(main, args, cfg.train.get("device", "cuda"))
 
 
 if __name__ == "__main__":

@@ -184,6 +184,14 @@ def worker_environment(device, args):
     return {"CUDA_VISIBLE_DEVICES": ""} if spawns_workers and device == "cpu" else {}
 
 
+def launch_workers(main_fn, args, device):
+    """Detectron2's ``launch`` of ``main_fn(args)`` on ``args.num_gpus`` processes per machine,
+    with the workers' environment of a run on ``device`` (:func:`worker_environment`)."""
+    with mock.patch.dict(os.environ, worker_environment(device, args)):
+        return launch(main_fn, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                      dist_url=args.dist_url, args=(args,))
+
+
 def cli(argv=None):
     args = argument_parser().parse_args(argv)
     try:
@@ -192,15 +200,7 @@ def cli(argv=None):
         logger.debug("invalid input", exc_info=True)
         sys.exit(f"error: {e.args[0] if e.args else e}")
     print("Command Line Args:", args)
-    with mock.patch.dict(os.environ, worker_environment(cfg.MODEL.DEVICE, args)):
-        return launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+    return launch_workers(main, args, cfg.MODEL.DEVICE)
 
 
 if __name__ == "__main__":
