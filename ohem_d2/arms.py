@@ -6,8 +6,8 @@ and OHEM heads of each family are paired here, which lets any Detectron2 config 
 
 Besides the paper's OHEM and its variants, the peers that answer the same question without it:
 ``mmdet_ohem`` (mmdetection's OHEMSampler, in OHEM's own settings), ``iou_balanced`` (Libra
-R-CNN's sampler, :mod:`ohem_d2.iou_balanced`) and ``focal`` (the stock sampler with a focal
-classification loss, :mod:`ohem_d2.focal_loss`; the loss is what it changes, through the head).
+R-CNN's sampler, :mod:`ohem_d2.baselines.iou_balanced`) and ``focal`` (the stock sampler with a focal
+classification loss, :mod:`ohem_d2.baselines.focal_loss`; the loss is what it changes, through the head).
 """
 from collections import OrderedDict
 
@@ -116,7 +116,8 @@ def _head_classes():
     """Registered ROI head name -> class, for a LazyConfig's ``_target_``."""
     from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
-    from . import focal_loss, iou_balanced, roi_heads  # noqa: F401 (register the heads)
+    from .baselines import focal_loss, iou_balanced  # noqa: F401 (register the heads)
+    from .modeling import roi_heads  # noqa: F401
 
     return {name: cls for name, cls in ROI_HEADS_REGISTRY}
 
@@ -130,8 +131,8 @@ def apply_arm_to_lazy_model(model, arm):
     Returns ``model``."""
     from detectron2.config import LazyCall
 
-    from .config import OHEMSettings
-    from .focal_loss import FocalLossOutputLayers
+    from .modeling.settings import OHEMSettings
+    from .baselines.focal_loss import FocalLossOutputLayers
 
     heads = model.roi_heads
     target = heads._target_

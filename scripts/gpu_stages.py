@@ -84,7 +84,7 @@ def environment():
     done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise StageError(f"cannot import torch and detectron2 with {PYTHON}: {done.stderr.strip().splitlines()[-1:]}"
-                         " (install the wheels first: see the README's GPU section)")
+                         " (install the wheels first: see docs/GPU_STAGES.md)")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -226,7 +226,7 @@ def write_targets(out, parts):
     lines = ["| target | measured | met |", "|---|---|---|"]
     for head, precisions, metric, bound in TARGETS:
         for r in rows:
-            if r["head_key"] == head and r["arm"] == "two_pass" and r["precision"] in precisions:
+            if r["head_key"] == head and r["arm"] == "ohem" and r["precision"] in precisions:
                 value = r[metric]
                 what = "time" if metric == "time_ratio" else "peak memory"
                 measured = "n/a" if value is None else f"{value:.3f}x"
@@ -235,7 +235,7 @@ def write_targets(out, parts):
                 else:
                     target = f"{what} <= {bound:.2f}x stock"
                     met = "n/a" if value is None else ("yes" if value <= bound else "**missed**")
-                lines.append(f"| {r['head']} two_pass {r['precision_label']}: {target} | {measured} | {met} |")
+                lines.append(f"| {r['head']} ohem {r['precision_label']}: {target} | {measured} | {met} |")
     (out / "summary.md").write_text("# Benchmark: OHEM two-pass against the stock sampler\n\n"
                                     + "\n".join(lines) + "\n\n" + "\n".join(tables))
 

@@ -17,7 +17,7 @@ from detectron2.structures import Boxes, Instances
 
 from ohem_d2 import add_ohem_config
 
-# The dataset check's cache (ohem_d2/scan_cache.py) of this test session, also for the tools the
+# The dataset check's cache (ohem_d2/data/scan_cache.py) of this test session, also for the tools the
 # tests start: a clean one, and none left in the user's ~/.cache.
 os.environ.setdefault("OHEM_D2_CACHE", tempfile.mkdtemp(prefix="ohem_d2_test_cache_"))
 

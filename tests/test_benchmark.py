@@ -1,6 +1,5 @@
 """tools/benchmark.py: a tiny CPU run whose table and JSON must agree, the GPU suite's plan, and
 the one-line errors for bad input."""
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -18,10 +17,13 @@ needs_coco128 = pytest.mark.skipif(not COCO128.is_dir(), reason=f"COCO128 images
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ohem_benchmark_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from ohem_d2.experiments import benchmark
+
+    return benchmark
+
+
+def plan_of(bench, argv):
+    return bench.make_plan(bench.argument_parser().parse_args(argv))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -32,7 +34,7 @@ TINY = [
     "--suite", "cpu", "--heads", "fpn", "--precisions", "fp32,fp32_bf16ro", "--warmup", "0", "--iters", "2",
     "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128",
 ]
-EXPECTED = {("stock", "fp32"), ("two_pass", "fp32"), ("loss_zeroing", "fp32"), ("two_pass", "fp32_bf16ro")}
+EXPECTED = {("stock", "fp32"), ("ohem", "fp32"), ("ohem_loss_zeroing", "fp32"), ("ohem", "fp32_bf16ro")}
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +77,10 @@ def test_tiny_run_table_matches_json(tiny_run, bench):
         assert row["time vs stock"] == f"{med / statistics.median(ref['times_s']):.2f}x"
         assert row["peak memory (MiB)"] == "n/a" and row["memory vs stock"] == "n/a"  # CPU
         assert a["batch_ids"] == ref["batch_ids"]  # same inputs for every arm
-    assert arms[("two_pass", "fp32_bf16ro")]["config_overrides"].count(["MODEL.OHEM.READONLY_DTYPE", "bfloat16"])
+    assert arms[("ohem", "fp32_bf16ro")]["config_overrides"].count(["MODEL.OHEM.READONLY_DTYPE", "bfloat16"])
     assert arms[("stock", "fp32")]["roi_heads"] == "StandardROIHeads"
-    assert arms[("loss_zeroing", "fp32")]["roi_heads"] == "OHEMROIHeads"
-    assert arms[("two_pass", "fp32")]["ohem_stats_mean"]["ohem/mined_per_image"] > 0
+    assert arms[("ohem_loss_zeroing", "fp32")]["roi_heads"] == "OHEMROIHeads"
+    assert arms[("ohem", "fp32")]["ohem_stats_mean"]["ohem/mined_per_image"] > 0
 
 
 def test_tiny_run_records_environment(tiny_run):
@@ -105,9 +107,9 @@ def test_gpu_suite_plan(bench, monkeypatch, tmp_path):
     images.mkdir()
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_train2017.json").write_text("{}")
-    plan = bench.make_plan(bench.parse_args(["--suite", "gpu", "--images", str(images)]))
+    plan = plan_of(bench, ["--suite", "gpu", "--images", str(images)])
     assert (plan.device, plan.warmup, plan.iters) == ("cuda", 10, 30)
-    assert len(plan.combos) == 14  # per head: stock/two_pass/loss_zeroing x fp32/amp + two_pass bf16 read-only
+    assert len(plan.combos) == 14  # per head: stock/ohem/ohem_loss_zeroing x fp32/amp + ohem bf16 read-only
     for head, prec, arm in plan.combos:
         cfg = bench.build_cfg(plan, head, prec, arm)[0]
         assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.WEIGHTS == ""
@@ -116,7 +118,7 @@ def test_gpu_suite_plan(bench, monkeypatch, tmp_path):
         assert cfg.SOLVER.AMP.ENABLED == (prec == "amp")
         assert cfg.MODEL.ROI_HEADS.NAME.startswith("OHEM") == (arm != "stock")
         if arm != "stock":
-            assert cfg.MODEL.OHEM.MODE == arm
+            assert cfg.MODEL.OHEM.MODE == ("loss_zeroing" if arm == "ohem_loss_zeroing" else "two_pass")
             assert cfg.MODEL.OHEM.READONLY_DTYPE == ("bfloat16" if prec == "fp32_bf16ro" else "float32")
 
 
@@ -126,9 +128,9 @@ def test_mask_head_runs_alone_on_mask_annotations_with_bitmask_targets(bench, mo
     images.mkdir()
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_train2017_segm.json").write_text("{}")
-    plan = bench.make_plan(bench.parse_args(["--suite", "gpu", "--heads", "mask", "--images", str(images)]))
+    plan = plan_of(bench, ["--suite", "gpu", "--heads", "mask", "--images", str(images)])
     assert plan.annotations.name == "instances_train2017_segm.json"
-    assert {arm for _, _, arm in plan.combos} == {"stock", "two_pass", "loss_zeroing"}
+    assert {arm for _, _, arm in plan.combos} == {"stock", "ohem", "ohem_loss_zeroing"}
     for head, prec, arm in plan.combos:
         cfg = bench.build_cfg(plan, head, prec, arm)[0]
         assert cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "bitmask"
@@ -139,8 +141,8 @@ def test_mask_head_runs_alone_on_mask_annotations_with_bitmask_targets(bench, mo
 
 @needs_coco128
 def test_bf16_readonly_alone_keeps_its_fp32_baseline(bench):
-    plan = bench.make_plan(bench.parse_args(["--heads", "c4", "--precisions", "fp32_bf16ro"]))
-    assert plan.combos == [("c4", "fp32", "stock"), ("c4", "fp32_bf16ro", "two_pass")]
+    plan = plan_of(bench, ["--heads", "c4", "--precisions", "fp32_bf16ro"])
+    assert plan.combos == [("c4", "fp32", "stock"), ("c4", "fp32_bf16ro", "ohem")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def test_bf16_readonly_alone_keeps_its_fp32_baseline(bench):
 
 
 def error_line(bench, capsys, argv):
-    assert bench.main(argv) == 2
+    assert bench.run_benchmark(bench.argument_parser().parse_args(argv), argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("benchmark.py: error: "), err
     return err[0]
@@ -179,10 +181,52 @@ def test_cuda_without_gpu(bench, capsys):
     assert "needs CUDA" in error_line(bench, capsys, ["--precisions", "amp"])
 
 
-def test_help(bench, capsys):
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
-    assert "--suite" in text and "two_pass" in text and "fp32_bf16ro" in text
-    assert "read-only" in bench.__doc__ and "backward" in bench.__doc__
+def test_help():
+    done = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "--suite" in done.stdout and "ohem_loss_zeroing" in done.stdout and "fp32_bf16ro" in done.stdout
+    assert "read-only" in (REPO / "docs" / "BENCHMARK.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# One arm vocabulary: the benchmark's arms are the runner's, and give the configs it measured before
+
+
+def frozen_benchmark_cfg(plan, head, prec, arm):
+    """How the benchmark built an arm's config before it took its arms from ohem_d2.arms (a frozen
+    copy): the stock or _ohem model-zoo YAML, the arm's MODE, then precision and overrides."""
+    from detectron2.config import get_cfg
+
+    import ohem_d2
+    from ohem_d2 import model_zoo
+
+    suffix, mode = {"stock": ("", None), "ohem": ("_ohem", "two_pass"),
+                    "ohem_loss_zeroing": ("_ohem", "loss_zeroing")}[arm]
+    head_cfg = {"fpn": ("COCO-Detection/faster_rcnn_R_50_FPN_1x{}.yaml", []),
+                "c4": ("COCO-Detection/faster_rcnn_R_50_C4_1x{}.yaml", []),
+                "mask": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x{}.yaml", ["INPUT.MASK_FORMAT", "bitmask"])}
+    path, head_overrides = head_cfg[head]
+    amp = prec == "amp"
+    applied = ["MODEL.DEVICE", plan.device, "SOLVER.AMP.ENABLED", amp, "DATALOADER.NUM_WORKERS", 0, *head_overrides]
+    if mode:
+        applied += ["MODEL.OHEM.MODE", mode, "MODEL.OHEM.READONLY_DTYPE",
+                    "bfloat16" if prec == "fp32_bf16ro" else "float32"]
+    cfg = get_cfg()
+    ohem_d2.add_ohem_config(cfg)
+    cfg.merge_from_file(model_zoo.get_config_file(path.format(suffix)))
+    cfg.merge_from_list(applied + plan.overrides)
+    return cfg
+
+
+@pytest.mark.parametrize("head", ["fpn", "c4", "mask"])
+def test_each_arm_config_equals_what_the_benchmark_measured_before(bench, monkeypatch, tmp_path, head):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    images = tmp_path / "train2017"
+    images.mkdir()
+    (tmp_path / "annotations").mkdir()
+    for name in ("instances_train2017.json", "instances_train2017_segm.json"):
+        (tmp_path / "annotations" / name).write_text("{}")
+    plan = plan_of(bench, ["--suite", "gpu", "--heads", head, "--images", str(images)])
+    assert len(plan.combos) == 7
+    for _, prec, arm in plan.combos:
+        assert bench.build_cfg(plan, head, prec, arm)[0].dump() == frozen_benchmark_cfg(plan, head, prec, arm).dump()

@@ -52,14 +52,14 @@ def cascade_heads(opts=(), config=CASCADE_OHEM):
 def record_selections(heads):
     """Per call of the head's selection: (number of candidates, number selected)."""
     calls = []
-    original = heads._select
+    original = heads.select
 
     def select(hardness, proposals):
         out = original(hardness, proposals)
         calls.append((len(hardness), len(out[0])))
         return out
 
-    heads._select = select
+    heads.select = select
     return calls
 
 

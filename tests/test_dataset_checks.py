@@ -18,8 +18,9 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.detection_utils import check_image_size, read_image
 
 from conftest import REPO, require_coco128
-from ohem_d2 import dataset_scan, scan_cache
-from ohem_d2.datasets import (
+from ohem_d2.data import scan as dataset_scan
+from ohem_d2.data import scan_cache
+from ohem_d2.data.datasets import (
     EVALUABLE_TYPES,
     DatasetError,
     add_dataset_config,
@@ -440,8 +441,7 @@ def test_test_set_whose_evaluator_type_train_net_cannot_evaluate(tmp_path):
 
 
 def test_the_evaluable_types_are_those_train_net_builds_an_evaluator_for(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    import train_net
+    from ohem_d2.engine import Trainer
 
     json_file, image_root = write_coco(tmp_path, [ok_image("a.jpg")], [(0, [2, 2, 10, 10])])
     voc_dirname = write_voc(tmp_path / "voc", {i: ((40, 30), (40, 30), [("cat", 3, 4, 20, 18, 0)]) for i in "ab"})
@@ -454,7 +454,7 @@ def test_the_evaluable_types_are_those_train_net_builds_an_evaluator_for(tmp_pat
         else:
             DatasetCatalog.register(name, lambda: [])
             MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type=evaluator_type)
-        evaluator = train_net.Trainer.build_evaluator(make_cfg(), name, str(tmp_path / "eval"))
+        evaluator = Trainer.build_evaluator(make_cfg(), name, str(tmp_path / "eval"))
         assert isinstance(evaluator, PascalVOCDetectionEvaluator if evaluator_type == "pascal_voc" else COCOEvaluator)
 
 

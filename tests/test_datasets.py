@@ -13,7 +13,7 @@ from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from conftest import require_coco128
-from ohem_d2.datasets import (
+from ohem_d2.data.datasets import (
     DatasetError,
     add_dataset_config,
     check_datasets,

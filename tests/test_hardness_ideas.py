@@ -12,10 +12,10 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.utils.events import EventStorage
 
 from ohem_d2 import OHEM_HARDNESS_REGISTRY, OHEM_SELECTION_REGISTRY, OHEMConfigError, OHEMSettings, SelectionInputs
-from ohem_d2.hardness import margin, uncertainty
-from ohem_d2.hardness import loss as loss_hardness
-from ohem_d2.roi_loss import per_roi_classification_loss, per_roi_losses
-from ohem_d2.selection import importance_sampling
+from ohem_d2.modeling.hardness import margin, uncertainty
+from ohem_d2.modeling.hardness import loss as loss_hardness
+from ohem_d2.modeling.roi_loss import per_roi_classification_loss, per_roi_losses
+from ohem_d2.modeling.selection import importance_sampling
 
 from conftest import C4_OHEM, FPN_OHEM, device, instances, load_cfg, random_fpn_features, random_proposals
 from test_cascade import cascade_heads, targets_with_masks

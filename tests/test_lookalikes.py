@@ -3,14 +3,14 @@ import json
 
 import pytest
 
-from ohem_d2.lookalikes import (
+from ohem_d2.experiments.lookalikes import (
     SCORE_THRESHOLD,
     iou_xywh,
     is_lookalike_false_positive,
     lookalike_false_positives,
     records_lookalikes,
 )
-from ohem_d2.synthetic_data import generate_synthetic_dataset
+from ohem_d2.data.synthetic import generate_synthetic_dataset
 
 LOOKALIKE = [0.0, 0.0, 10.0, 20.0]  # x, y, w, h
 OBJECT = [50.0, 50.0, 10.0, 10.0]

@@ -155,14 +155,14 @@ def test_read_only_pass_builds_no_autograd_graph_and_runs_in_chunks():
 def capture_selection(heads):
     """Record the flat indices the head selects."""
     selected = []
-    original = heads._select
+    original = heads.select
 
     def select(hardness, proposals):
         out = original(hardness, proposals)
         selected.append(out[0])
         return out
 
-    heads._select = select
+    heads.select = select
     return selected
 
 

@@ -8,8 +8,8 @@ import pytest
 from conftest import REPO
 from test_run_experiment import TINY_RUN, run_tool
 
-sys.path.insert(0, str(REPO / "tools"))
-import run_experiment  # noqa: E402
+from ohem_d2.engine import exit_on
+from ohem_d2.experiments import runner as run_experiment
 
 
 def test_two_concurrent_two_process_runs_on_cpu_both_finish(tmp_path):
@@ -67,8 +67,10 @@ def test_refusal_comes_before_any_run_starts(tmp_path, monkeypatch):
     monkeypatch.setattr(run_experiment.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(run_experiment.Run, "start", lambda *a: pytest.fail("a run was started"))
     with pytest.raises(SystemExit) as exit_info:
-        run_experiment.main(["--output", str(tmp_path / "exp"), "--data-root", str(tmp_path / "data"),
-                             "--parallel", "2", "--num-gpus", "2", *map(str, TINY_RUN), "MODEL.DEVICE", "cuda"])
+        args = run_experiment.argument_parser().parse_args([
+            "--output", str(tmp_path / "exp"), "--data-root", str(tmp_path / "data"),
+            "--parallel", "2", "--num-gpus", "2", *map(str, TINY_RUN), "MODEL.DEVICE", "cuda"])
+        exit_on(run_experiment.USER_ERRORS, run_experiment.run_experiment, args)
     assert str(exit_info.value).startswith("error: --parallel 2") and "4 GPUs" in str(exit_info.value)
 
 

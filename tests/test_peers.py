@@ -23,9 +23,9 @@ from ohem_d2 import (
     SelectionInputs,
 )
 from ohem_d2.arms import ARMS, apply_arm_to_lazy_model, arm_overrides
-from ohem_d2.focal_loss import softmax_focal_loss
-from ohem_d2.iou_balanced import IoURecordingMatcher, iou_balanced_negatives
-from ohem_d2.selection import stratified
+from ohem_d2.baselines.focal_loss import softmax_focal_loss
+from ohem_d2.baselines.iou_balanced import IoURecordingMatcher, iou_balanced_negatives
+from ohem_d2.modeling.selection import stratified
 
 from conftest import device, instances, load_cfg, random_fpn_features, random_proposals
 from test_configs import SAMPLING_KEYS, flatten

@@ -17,7 +17,7 @@ B = 12
 def mine(heads, autocast_dtype=None):
     """Run the heads' training step; return (hardness, selected indices, read-only output dtypes)."""
     captured, dtypes = {}, []
-    select = heads._select
+    select = heads.select
 
     def capture(hardness, proposals):
         captured["hardness"] = hardness
@@ -25,7 +25,7 @@ def mine(heads, autocast_dtype=None):
         captured["selected"] = out[0]
         return out
 
-    heads._select = capture
+    heads.select = capture
     hook = heads.box_head.register_forward_hook(
         lambda m, i, out: dtypes.append(out.dtype) if not torch.is_grad_enabled() else None
     )
@@ -34,7 +34,7 @@ def mine(heads, autocast_dtype=None):
     with EventStorage(), context:
         _, losses = heads(None, random_fpn_features(), random_proposals(num=80), targets)
     hook.remove()
-    heads._select = select
+    heads.select = select
     assert all(torch.isfinite(v) for v in losses.values())
     return captured["hardness"], captured["selected"], dtypes
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ohem_d2.paired import paired_difference, t_critical
-from ohem_d2.report import summarize_run, write_report
+from ohem_d2.experiments.paired import paired_difference, t_critical
+from ohem_d2.experiments.report import summarize_run, write_report
 
 
 def make_run(path, records, evaluation=None, wall=60.0):

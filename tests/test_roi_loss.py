@@ -7,7 +7,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 from detectron2.utils.events import EventStorage
 
-from ohem_d2.roi_loss import per_roi_losses
+from ohem_d2.modeling.roi_loss import per_roi_losses
 
 from conftest import device, instances
 

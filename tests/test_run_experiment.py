@@ -131,16 +131,16 @@ def test_an_unknown_reference_arm_stops_before_training(tmp_path):
 def test_the_datasets_are_checked_once_per_experiment_not_per_run_or_process(tmp_path, monkeypatch):
     """The runner checks the base config's datasets once, not again for every arm and seed; a
     training process of train_net (main) does not check them: its launcher (cli) did."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import run_experiment
-    import train_net
+    from ohem_d2.engine import defaults, training_argument_parser
+    from ohem_d2.experiments import runner
 
     checked = []
-    monkeypatch.setattr(train_net, "check_datasets", lambda cfg: checked.append(list(cfg.DATASETS.TRAIN)) or [])
-    args = run_experiment.parse_args(["--output", str(tmp_path / "exp"), "--data-root", str(tmp_path / "data"),
-                                      "--seeds", "0", "1", *TINY_RUN])
-    _, runs, _ = run_experiment.plan_runs(args)
+    monkeypatch.setattr(defaults, "check_datasets", lambda cfg: checked.append(list(cfg.DATASETS.TRAIN)) or [])
+    args = runner.argument_parser().parse_args(["--output", str(tmp_path / "exp"), "--data-root",
+                                                str(tmp_path / "data"), "--seeds", "0", "1", *TINY_RUN])
+    _, runs, _ = runner.plan_runs(args)
     assert len(runs) == 6 and checked == [["synthetic_train"]]
     argv = next(iter(runs.values()))[1]
-    train_net.setup(train_net.argument_parser().parse_args(argv))  # what each training process runs
+    # What each training process of tools/train_net.py builds (its main's setup: check=False).
+    defaults.build_config(training_argument_parser().parse_args(argv), check=False)
     assert len(checked) == 1

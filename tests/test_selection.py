@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ohem_d2.selection import deduplicate, select_per_image
+from ohem_d2.modeling.selection import deduplicate, select_per_image
 
 from conftest import device
 

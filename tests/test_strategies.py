@@ -10,10 +10,10 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.utils.events import EventStorage
 
 from ohem_d2 import OHEM_HARDNESS_REGISTRY, OHEM_SELECTION_REGISTRY, OHEMConfigError, SelectionInputs
-from ohem_d2.hardness import HardnessInputs, probability
-from ohem_d2.hardness import loss as loss_hardness
-from ohem_d2.roi_loss import per_roi_losses
-from ohem_d2.selection import per_batch, per_image, quota, select_per_image, stratified
+from ohem_d2.modeling.hardness import HardnessInputs, probability
+from ohem_d2.modeling.hardness import loss as loss_hardness
+from ohem_d2.modeling.roi_loss import per_roi_losses
+from ohem_d2.modeling.selection import per_batch, per_image, quota, select_per_image, stratified
 
 from conftest import FPN_OHEM, device, load_cfg
 from test_mining import P_FAR, P_FG, fake_box_predictions, fpn_heads, one_image_case, run_heads
@@ -299,13 +299,13 @@ def test_hardness_option_in_the_head(hardness, expected):
 def record_fg_candidates(heads):
     """Per call of the head's selection, the number of foreground candidates of each image."""
     seen = []
-    original = heads._select
+    original = heads.select
 
     def select(hardness, proposals):
         seen.append([int(((p.gt_classes >= 0) & (p.gt_classes < 80)).sum()) for p in proposals])
         return original(hardness, proposals)
 
-    heads._select = select
+    heads.select = select
     return seen
 
 

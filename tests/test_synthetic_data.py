@@ -12,8 +12,8 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 from detectron2.structures.masks import polygons_to_bitmask
 
-from ohem_d2.datasets import DatasetError
-from ohem_d2.synthetic_data import (
+from ohem_d2.data.datasets import DatasetError
+from ohem_d2.data.synthetic import (
     CLASS_NAMES,
     DISTRACTOR_KINDS,
     SyntheticDatasetError,

@@ -15,10 +15,26 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from conftest import FPN_OHEM, REPO, TINY, CONFIGS, require_coco128
-from ohem_d2.synthetic_data import generate_synthetic_dataset
+from ohem_d2.data.synthetic import generate_synthetic_dataset
 
-sys.path.insert(0, str(REPO / "tools"))
-import train_net  # noqa: E402
+from ohem_d2.engine import PeakMemoryHook, USER_ERRORS, build_config, exit_on, launch_workers, training_argument_parser
+from ohem_d2.engine import launch as engine_launch
+
+TRAIN_NET = str(REPO / "tools" / "train_net.py")
+
+
+def train_net(args, timeout=600):
+    """tools/train_net.py ``args`` in a subprocess, as a user runs it; fails the test if it fails."""
+    done = subprocess.run([sys.executable, TRAIN_NET, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def checked_config(args):
+    """What tools/train_net.py does before launching any worker: build and check the config,
+    exiting with one line on bad input."""
+    return exit_on(USER_ERRORS, build_config, training_argument_parser().parse_args(args))
 
 # From scratch, FrozenBN diverges; GroupNorm and a small LR keep a few iterations finite.
 STABLE = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN", "SOLVER.BASE_LR", 0.001,
@@ -68,7 +84,7 @@ def metrics(output):
 
 def test_train_then_eval_only_with_diagnostics_in_metrics(coco_subset, tmp_path):
     out = tmp_path / "run"
-    train_net.cli(coco_args(coco_subset, "SOLVER.MAX_ITER", 2, output=out))
+    train_net(coco_args(coco_subset, "SOLVER.MAX_ITER", 2, output=out))
     assert (out / "model_final.pth").is_file()
     results = json.loads((out / "eval_results.json").read_text())
     assert {"AP", "AP50", "AP75"} <= results["bbox"].keys()
@@ -78,7 +94,7 @@ def test_train_then_eval_only_with_diagnostics_in_metrics(coco_subset, tmp_path)
         assert key in last, key
 
     eval_out = tmp_path / "eval"
-    train_net.cli(coco_args(coco_subset, "MODEL.WEIGHTS", out / "model_final.pth", flags=["--eval-only"], output=eval_out))
+    train_net(coco_args(coco_subset, "MODEL.WEIGHTS", out / "model_final.pth", flags=["--eval-only"], output=eval_out))
     assert json.loads((eval_out / "eval_results.json").read_text())["bbox"] == results["bbox"]
 
 
@@ -142,7 +158,7 @@ def test_voc_layout_dataset_with_its_own_classes(tmp_path):
     root = require_coco128()
     voc = write_voc_from_coco(str(root / "annotations" / "instances_val2017.json"), str(root / "val2017"), tmp_path / "voc")
     out = tmp_path / "run"
-    train_net.cli([
+    train_net([
         "--config-file", str(CONFIGS / "PascalVOC-Detection/faster_rcnn_R_50_FPN_ohem.yaml"),
         "--register-voc", "t_voc", str(voc), "trainval", ",".join(VOC_CLASSES),
         *opts("MODEL.ROI_HEADS.NUM_CLASSES", 2, "DATASETS.TRAIN", "('t_voc',)", "DATASETS.TEST", "('t_voc',)",
@@ -169,7 +185,7 @@ def test_bad_input_is_one_clear_line(coco_subset, tmp_path, change, message):
     else:
         args += change
     with pytest.raises(SystemExit) as exit_info:
-        train_net.cli(args)
+        checked_config(args)
     assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
 
 
@@ -177,8 +193,8 @@ def test_bad_json_is_reported_before_training(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [}')
     with pytest.raises(SystemExit) as exit_info:
-        train_net.cli(["--config-file", str(CONFIGS / FPN_OHEM), "--register-coco", "t_badjson", str(bad), str(tmp_path),
-                       *opts("DATASETS.TRAIN", "('t_badjson',)", "DATASETS.TEST", "()")])
+        checked_config(["--config-file", str(CONFIGS / FPN_OHEM), "--register-coco", "t_badjson", str(bad), str(tmp_path),
+                        *opts("DATASETS.TRAIN", "('t_badjson',)", "DATASETS.TEST", "()")])
     assert "bad.json" in str(exit_info.value) and "line 1" in str(exit_info.value)
 
 
@@ -199,10 +215,12 @@ def test_cpu_ddp_workers_see_no_gpu(tmp_path, monkeypatch, device, workers_see):
     data = generate_synthetic_dataset(tmp_path / "data", num_train=2, num_val=1, image_size=32)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     seen = []
-    monkeypatch.setattr(train_net, "launch", lambda *a, **k: seen.append(os.environ.get("CUDA_VISIBLE_DEVICES")))
-    train_net.cli(["--num-gpus", "2", "--config-file", str(CONFIGS / FPN_OHEM),
-                   "--register-coco", f"t_syn_{device}", data.train_json, data.train_images,
-                   *opts("DATASETS.TRAIN", f"('t_syn_{device}',)", "DATASETS.TEST", "()", "MODEL.DEVICE", device)])
+    monkeypatch.setattr(engine_launch, "launch", lambda *a, **k: seen.append(os.environ.get("CUDA_VISIBLE_DEVICES")))
+    args = training_argument_parser().parse_args([
+        "--num-gpus", "2", "--config-file", str(CONFIGS / FPN_OHEM),
+        "--register-coco", f"t_syn_{device}", data.train_json, data.train_images,
+        *opts("DATASETS.TRAIN", f"('t_syn_{device}',)", "DATASETS.TEST", "()", "MODEL.DEVICE", device)])
+    launch_workers(print, args, build_config(args).MODEL.DEVICE)
     assert seen == [workers_see]
     assert "CUDA_VISIBLE_DEVICES" not in os.environ  # only the workers' environment
 
@@ -220,7 +238,7 @@ def test_peak_memory_hook_touches_cuda_only_for_a_model_on_cuda(monkeypatch, mod
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     calls = []
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args, **kwargs: calls.append(args) or 3 * 2**20)
-    hook = train_net.PeakMemoryHook()
+    hook = PeakMemoryHook()
     hook.trainer = SimpleNamespace(model=model)
     with EventStorage() as storage:
         hook.after_step()

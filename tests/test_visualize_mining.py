@@ -15,14 +15,13 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from ohem_d2.arms import arm_overrides
-from ohem_d2.datasets import add_dataset_config, register_coco
-from ohem_d2.synthetic_data import generate_synthetic_dataset
+from ohem_d2.data.datasets import add_dataset_config, register_coco
+from ohem_d2.data.synthetic import generate_synthetic_dataset
 
 from conftest import CONFIGS, REPO, load_cfg, require_coco128
 
-sys.path.insert(0, str(REPO / "tools"))
-import visualize_mining  # noqa: E402
-from visualize_mining import COLOURS, MIN_SHORT_SIDE, write_mining_pictures  # noqa: E402
+from ohem_d2.experiments import mining_pictures as visualize_mining
+from ohem_d2.experiments.mining_pictures import COLOURS, MIN_SHORT_SIDE, write_mining_pictures
 
 SYNTHETIC = "Synthetic-Detection/faster_rcnn_R_18_FPN_scratch.yaml"
 CASCADE_OHEM = "COCO-Detection/cascade_mask_rcnn_R_50_FPN_1x_ohem.yaml"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check the datasets of a run, as tools/train_net.py does before training, and time the check.
 
-Takes train_net's arguments. Prints every problem that would stop the run (then exits with
+Takes a run's config, dataset registrations and overrides. Prints every problem that would stop the run (then exits with
 status 1) or the warnings, and how long the check took: once as a run does it (reading the
 image headers, or from the cache where the files are unchanged since the last check; one line
 per dataset says which) and once more, from the cache.
@@ -11,21 +11,16 @@ per dataset says which) and once more, from the cache.
     OHEM_D2_CACHE=$(mktemp -d) python tools/check_datasets.py ...    # a cold check: an empty cache
 """
 import logging
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_net import USER_ERRORS, argument_parser, build_config  # noqa: E402
-
-from ohem_d2.datasets import check_datasets  # noqa: E402
+from ohem_d2.data.datasets import check_datasets
+from ohem_d2.engine import USER_ERRORS, build_config, config_argument_parser
 
 
 def main(argv=None):
-    parser = argument_parser()
-    parser.description = __doc__
-    args = parser.parse_args(argv)
-    progress = logging.getLogger("ohem_d2.datasets")  # one line per dataset: time, cold or cached
+    args = config_argument_parser(__doc__).parse_args(argv)
+    progress = logging.getLogger("ohem_d2.data.datasets")  # one line per dataset: time, cold or cached
     handler = logging.StreamHandler(sys.stdout)
     progress.addHandler(handler)
     progress.setLevel(logging.INFO)

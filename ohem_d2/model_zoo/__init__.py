@@ -3,7 +3,7 @@
 ``pip install .`` (not editable) leaves no ``configs/`` folder beside the user's code: the configs
 ship inside the package (``ohem_d2/model_zoo/configs``, a link to the repository's ``configs/`` in
 a checkout, copied into a built wheel), and these functions find them by the same relative paths
-the README uses under ``configs/``.
+the docs use under ``configs/``.
 
     from ohem_d2 import model_zoo
     cfg = model_zoo.get_config("COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem.yaml")   # yacs, MODEL.OHEM added

@@ -1,4 +1,4 @@
-"""How tools/run_experiment.py drives each config system: yacs ``.yaml`` configs trained by
+"""How the experiment runner drives each config system: yacs ``.yaml`` configs trained by
 tools/train_net.py, LazyConfig ``.py`` configs trained by tools/lazyconfig_train_net.py.
 
 An experiment is one base config turned into each arm; the two systems differ only in how a run's
@@ -8,9 +8,9 @@ keeps its schedule and datasets.
 from dataclasses import dataclass
 from typing import Callable
 
-import lazyconfig_train_net
-import train_net
-from ohem_d2.arms import arm_overrides
+from ..arms import arm_overrides
+from ..engine.defaults import build_config, training_argument_parser
+from ..engine.lazy import build_lazy_config, dataset_names, lazy_argument_parser
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ def _last_value(opts, key):
 
 YACS = ConfigKind(
     tool="train_net.py",
-    argument_parser=train_net.argument_parser,
-    build_config=train_net.build_config,
+    argument_parser=training_argument_parser,
+    build_config=build_config,
     device_opts=lambda device: ["MODEL.DEVICE", device],
     device_of=lambda opts: _last_value(opts, "MODEL.DEVICE"),
     run_opts=lambda seed, run_dir: ["SEED", str(seed), "OUTPUT_DIR", run_dir],
@@ -49,15 +49,15 @@ def _lazy_device(opts):
 
 
 def _lazy_schedule(base):
-    train, test = lazyconfig_train_net.dataset_names(base)
+    train, test = dataset_names(base)
     return {"max_iter": base.train.max_iter, "ims_per_batch": base.dataloader.train.total_batch_size,
             "train": train, "test": test}
 
 
 LAZY = ConfigKind(
     tool="lazyconfig_train_net.py",
-    argument_parser=lazyconfig_train_net.argument_parser,
-    build_config=lazyconfig_train_net.build_config,
+    argument_parser=lazy_argument_parser,
+    build_config=build_lazy_config,
     device_opts=lambda device: [f"train.device={device}"],
     device_of=_lazy_device,
     run_opts=lambda seed, run_dir: [f"train.seed={seed}", f"train.output_dir={run_dir}"],

@@ -7,8 +7,8 @@ and ``OHEMRes5ROIHeads`` (C4) replace Detectron2's RoI sampler during training:
   away: no ``bg_lo``, no fg:bg ratio;
 * ``two_pass`` mode: a read-only forward of the box head (no autograd graph,
   chunked over RoIs) gives each RoI its loss, or another hardness
-  (:mod:`ohem_d2.hardness`, ``MODEL.OHEM.HARDNESS``); the selection strategy of
-  :mod:`ohem_d2.selection` (``MODEL.OHEM.SELECTION``) keeps the hardest; the stock
+  (:mod:`ohem_d2.modeling.hardness`, ``MODEL.OHEM.HARDNESS``); the selection strategy of
+  :mod:`ohem_d2.modeling.selection` (``MODEL.OHEM.SELECTION``) keeps the hardest; the stock
   trainable forward and backward then run on those alone, so the backward pass
   costs what the baseline's does (a strategy may also weight the RoIs it keeps,
   as ``importance_sampling`` does: the trainable box losses are then weighted
@@ -26,7 +26,7 @@ outputs, checkpoints interchangeable.
 """
 import contextlib
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
@@ -42,13 +42,22 @@ from detectron2.modeling.roi_heads import (
 from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
 from detectron2.structures import Boxes, ImageList, Instances
 
-from .config import OHEMConfigError, OHEMSettings, check_box_predictor_for_ohem
 from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats
 from .hardness import OHEM_HARDNESS_REGISTRY, HardnessInputs
 from .roi_loss import per_roi_losses
 from .selection import OHEM_SELECTION_REGISTRY, SelectionInputs
+from .settings import OHEMConfigError, OHEMSettings, check_box_predictor_for_ohem
 
 logger = logging.getLogger(__name__)
+
+
+class MiningResult(NamedTuple):
+    """What :meth:`OHEMMixin.mine` found in one batch."""
+
+    predictions: Tuple[torch.Tensor, ...]  # the box predictor's read-only outputs for every candidate
+    hardness: torch.Tensor  # (R,) fp32 hardness of every candidate, flat over the images
+    selected: torch.Tensor  # flat indices of the mined candidates, grouped by image
+    mined: List[Instances]  # the mined proposals, one Instances per image
 
 
 class OHEMMixin:
@@ -215,15 +224,24 @@ class OHEMMixin:
     # ------------------------------------------------------------------------------------------
     # Mining
 
-    def _mine(self, features, proposals, stage=0):
-        """The read-only pass and the selection (``two_pass``). Returns the read-only predictions
-        of every RoI and the mined proposals, one Instances per image."""
-        predictions, hardness = self._readonly_pass(features, proposals, stage)
-        return predictions, self._select(hardness, proposals)[1]
+    def mine(self, features, proposals, stage=0):
+        """OHEM's mining step on its own: the read-only pass of box stage ``stage`` over every
+        candidate RoI and the selection of the hard ones (``MODEL.OHEM.SELECTION``).
 
-    def _select(self, hardness, proposals):
+        ``features``: the box head's input feature maps (a list, in ``box_in_features`` order for
+        FPN, ``[res4]`` for C4); ``proposals``: one Instances per image, labelled by
+        :meth:`label_and_sample_proposals` (every proposal a candidate). The training forward of
+        ``two_pass`` calls this; the visualiser and the tests call it to see what is mined.
+        Returns a :class:`MiningResult`.
+        """
+        predictions, hardness = self._readonly_pass(features, proposals, stage)
+        selected, mined = self.select(hardness, proposals)
+        return MiningResult(predictions, hardness, selected, mined)
+
+    def select(self, hardness, proposals):
         """Select the hard RoIs by ``hardness`` (R,) with the registered ``MODEL.OHEM.SELECTION``
-        strategy; returns (flat indices grouped by image, mined proposals).
+        strategy; returns (flat indices grouped by image, mined proposals). Both modes select
+        here: two_pass through :meth:`mine`, loss_zeroing from its trainable pass.
 
         Host syncs: the strategy's NMS and boolean selections (data-dependent sizes), the
         per-image counts below, and the diagnostics' one device-to-host copy.
@@ -285,7 +303,7 @@ class OHEMMixin:
         predictions = self._box_predictions(features, proposals, stage)
         cls_loss, box_loss = per_roi_losses(box_predictor, predictions, proposals)
         hardness = self._hardness(box_predictor, predictions, proposals, cls_loss, box_loss)
-        selected, mined = self._select(hardness, proposals)
+        selected, mined = self.select(hardness, proposals)
         keep = torch.zeros_like(cls_loss)
         weights = _roi_weights(mined)
         keep[selected] = 1.0 if weights is None else weights
@@ -364,7 +382,7 @@ class OHEMROIHeads(OHEMMixin, StandardROIHeads):
         proposals = self.label_and_sample_proposals(proposals, targets)
         box_features = [features[f] for f in self.box_in_features]
         if self.ohem.mode == "two_pass":
-            _, mined = self._mine(box_features, proposals)
+            mined = self.mine(box_features, proposals).mined
             if _roi_weights(mined) is None:
                 losses = self._forward_box(features, mined)
             else:
@@ -435,7 +453,7 @@ class OHEMRes5ROIHeads(OHEMMixin, Res5ROIHeads):
         proposals = self.label_and_sample_proposals(proposals, targets)
         features = [features[f] for f in self.in_features]
         if self.ohem.mode == "two_pass":
-            _, mined = self._mine(features, proposals)
+            mined = self.mine(features, proposals).mined
             mined = self._with_targets(mined, targets)
             # Detectron2's Res5ROIHeads training step, on the mined RoIs only.
             box_features = self._shared_roi_transform(features, [p.proposal_boxes for p in mined])

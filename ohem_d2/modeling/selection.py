@@ -4,24 +4,16 @@ registered alternatives to it.
 The paper, in three steps, on the RoIs of a mini-batch of N images:
 
 1. every RoI gets a hardness, its loss under the current network (computed by
-   :mod:`ohem_d2.roi_loss` in a read-only pass; other definitions in :mod:`ohem_d2.hardness`);
+   :mod:`ohem_d2.modeling.roi_loss` in a read-only pass; other definitions in :mod:`ohem_d2.modeling.hardness`);
 2. "co-located RoIs with high overlap are likely to have correlated losses",
    so a non-maximum suppression with the loss as score, IoU 0.7, removes
    near-duplicates (:func:`deduplicate`); it works on each image's RoIs apart;
 3. the B/N hardest remaining RoIs of each image are kept (:func:`select_per_image`).
 
 Step 3 is a *selection strategy*, chosen by ``MODEL.OHEM.SELECTION`` among the functions of
-:data:`OHEM_SELECTION_REGISTRY`:
-
-* ``per_image`` (default, the paper): the B/N hardest of each image;
-* ``per_batch``: the N * B/N hardest of the whole batch, wherever they are;
-* ``stratified`` (S-OHEM style): per image, a foreground quota (``MODEL.OHEM.FG_FRACTION`` of
-  B/N) and a background quota, each filled by hardness, one lending to the other when short;
-* ``importance_sampling``: weighting instead of selecting: per image, B/N draws in proportion to
-  hardness (tempered by ``MODEL.OHEM.SAMPLING_TEMPERATURE``), each drawn RoI weighted so that the
-  trainable loss is an unbiased estimate of the mean loss over all candidates.
-
-``MODEL.OHEM.MIN_FG_FRACTION`` (hard positives) is honoured by the first three; see each docstring.
+:data:`OHEM_SELECTION_REGISTRY`. The built-ins, what each does and when it may help, are listed
+once, in docs/STRATEGIES.md (``per_image``, the default, is the paper's); each function's
+docstring says what it computes, and whether it honours ``MODEL.OHEM.MIN_FG_FRACTION``.
 
 A strategy is a function ``fn(inputs: SelectionInputs) -> (indices, num_after_nms)`` or
 ``-> (indices, num_after_nms, weights)``:
@@ -54,7 +46,7 @@ from detectron2.utils.registry import Registry
 OHEM_SELECTION_REGISTRY = Registry("OHEM_SELECTION")
 OHEM_SELECTION_REGISTRY.__doc__ = """
 Selection strategies of OHEM, by name (``MODEL.OHEM.SELECTION``). Each is called as
-``fn(inputs: SelectionInputs) -> (indices, num_after_nms)``; see :mod:`ohem_d2.selection`.
+``fn(inputs: SelectionInputs) -> (indices, num_after_nms)``; see :mod:`ohem_d2.modeling.selection`.
 """
 
 

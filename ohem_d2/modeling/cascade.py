@@ -108,7 +108,7 @@ class OHEMCascadeROIHeads(OHEMMixin, Stage0MatcherFromROIHeadsMixin, CascadeROIH
             predictor = self.box_predictor[k]
             with storage.name_scope(f"stage{k}"):
                 if self.ohem.mode == "two_pass":
-                    predictions, mined = self._mine(features, proposals, k)
+                    predictions, _, _, mined = self.mine(features, proposals, k)
                     stage_losses = predictor.losses(self._run_stage(features, mined, k), mined)
                 else:
                     predictions, mined, stage_losses = self._loss_zeroing(features, proposals, k)

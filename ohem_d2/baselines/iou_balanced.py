@@ -33,7 +33,7 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads, StandardROIHeads
 from detectron2.modeling.sampling import subsample_labels
 
-from .selection import rank_in_group
+from ..modeling.selection import rank_in_group
 
 NUM_IOU_BINS = 3  # Libra R-CNN's
 

@@ -1,33 +1,8 @@
 """How hard a RoI is: the score OHEM ranks RoIs by (``MODEL.OHEM.HARDNESS``).
 
 A hardness is a function ``fn(inputs: HardnessInputs) -> Tensor (R,)``, higher is harder,
-registered in :data:`OHEM_HARDNESS_REGISTRY` under its ``__name__``:
-
-* ``loss`` (default, the paper): the RoI's loss, ``MODEL.OHEM.LOSS`` saying which terms
-  (classification + box regression, or classification only), as :mod:`ohem_d2.roi_loss`
-  computes it with the predictor's own loss functions and weights;
-* ``probability``: 1 - p(true label), low confidence in the right answer (or, what is the same,
-  confidence in a wrong one). Softmax: 1 - softmax(scores)[gt_class], background included.
-  Sigmoid CE (``USE_SIGMOID_CE``, one independent Bernoulli per object class, no background
-  logit): p(true label) is the probability of the whole correct label vector,
-  sigmoid(s_c) * prod_{j != c} (1 - sigmoid(s_j)) for a RoI of class c and prod_j (1 - sigmoid(s_j))
-  for background (no class fires). Both are exp(-unweighted classification loss), so this hardness
-  ranks RoIs as ``LOSS: "cls"`` does; it differs in scale: bounded in [0, 1] (it saturates at 1
-  for RoIs with p(true) below ~6e-8 in fp32, which then tie), independent of the loss weights
-  and of the box term. ``MODEL.OHEM.LOSS`` does not apply to it;
-* ``uncertainty``: 1 - p(the classifier's most probable label), label-free: how unsure the
-  classifier is, whatever the RoI's label ("suspicious" RoIs, those whose top probability is low).
-  Softmax: 1 - max softmax(scores), background included. Sigmoid CE: 1 - prod_j max(sigmoid(s_j),
-  1 - sigmoid(s_j)), the probability that at least one of the K per-class decisions is wrong, with
-  the same label vectors as ``probability``. Where the classifier's top label is the true one it
-  equals ``probability``; otherwise it is smaller: a confidently *wrong* RoI (often a missing or
-  wrong annotation) is easy here and hard for the loss, a look-alike the classifier hesitates
-  over is hard here whatever its label;
-* ``margin``: 1 - (p_top1 - p_top2), the two most probable labels' probabilities (sigmoid CE: the
-  second is the top label vector with its least certain decision flipped). Also label-free; near
-  1 where the top two labels are close (a look-alike split between two classes, or between a
-  class and background), however the rest of the probability is spread, where ``uncertainty``
-  only says how low the top one is.
+registered in :data:`OHEM_HARDNESS_REGISTRY` under its ``__name__``. The built-in definitions and when each may help are listed once, in docs/STRATEGIES.md; each
+function's docstring gives its exact definition.
 
 The functions run without autograd and autocast, on detached inputs; they must return a float
 tensor of shape (R,) on the device, without a host sync.
@@ -43,7 +18,7 @@ from detectron2.utils.registry import Registry
 OHEM_HARDNESS_REGISTRY = Registry("OHEM_HARDNESS")
 OHEM_HARDNESS_REGISTRY.__doc__ = """
 Hardness definitions of OHEM, by name (``MODEL.OHEM.HARDNESS``). Each is called as
-``fn(inputs: HardnessInputs) -> Tensor (R,)``; see :mod:`ohem_d2.hardness`.
+``fn(inputs: HardnessInputs) -> Tensor (R,)``; see :mod:`ohem_d2.modeling.hardness`.
 """
 
 
@@ -83,7 +58,16 @@ def log_prob_of_true_label(scores, gt_classes, use_sigmoid_ce):
 
 @OHEM_HARDNESS_REGISTRY.register()
 def probability(inputs: HardnessInputs):
-    """1 - p(true label) in [0, 1]: see the module docstring for the sigmoid-CE definition."""
+    """1 - p(true label) in [0, 1]: low confidence in the right answer (or, what is the same,
+    confidence in a wrong one). Softmax: 1 - softmax(scores)[gt_class], background included.
+    Sigmoid CE (``USE_SIGMOID_CE``, one independent Bernoulli per object class, no background
+    logit): p(true label) is the probability of the whole correct label vector,
+    sigmoid(s_c) * prod_{j != c} (1 - sigmoid(s_j)) for a RoI of class c and prod_j (1 - sigmoid(s_j))
+    for background (no class fires). Both are exp(-unweighted classification loss), so this hardness
+    ranks RoIs as ``LOSS: "cls"`` does; it differs in scale: bounded in [0, 1] (it saturates at 1
+    for RoIs with p(true) below ~6e-8 in fp32, which then tie), independent of the loss weights
+    and of the box term. ``MODEL.OHEM.LOSS`` does not apply to it.
+    """
     log_p = log_prob_of_true_label(inputs.predictions[0], inputs.gt_classes,
                                    inputs.box_predictor.use_sigmoid_ce)
     return -torch.expm1(log_p)  # 1 - p, exact for easy RoIs (p near 1)
@@ -106,14 +90,27 @@ def top_two_label_log_probs(scores, use_sigmoid_ce):
 
 @OHEM_HARDNESS_REGISTRY.register()
 def uncertainty(inputs: HardnessInputs):
-    """1 - p(most probable label) in [0, 1], label-free: see the module docstring."""
+    """1 - p(the classifier's most probable label) in [0, 1], label-free: how unsure the
+    classifier is, whatever the RoI's label ("suspicious" RoIs, those whose top probability is low).
+    Softmax: 1 - max softmax(scores), background included. Sigmoid CE: 1 - prod_j max(sigmoid(s_j),
+    1 - sigmoid(s_j)), the probability that at least one of the K per-class decisions is wrong, with
+    the same label vectors as ``probability``. Where the classifier's top label is the true one it
+    equals ``probability``; otherwise it is smaller: a confidently *wrong* RoI (often a missing or
+    wrong annotation) is easy here and hard for the loss, a look-alike the classifier hesitates
+    over is hard here whatever its label.
+    """
     log_top, _ = top_two_label_log_probs(inputs.predictions[0], inputs.box_predictor.use_sigmoid_ce)
     return -torch.expm1(log_top)
 
 
 @OHEM_HARDNESS_REGISTRY.register()
 def margin(inputs: HardnessInputs):
-    """1 - (p_top1 - p_top2) in [0, 1], label-free: see the module docstring."""
+    """1 - (p_top1 - p_top2) in [0, 1], of the two most probable labels' probabilities (sigmoid CE: the
+    second is the top label vector with its least certain decision flipped). Also label-free; near
+    1 where the top two labels are close (a look-alike split between two classes, or between a
+    class and background), however the rest of the probability is spread, where ``uncertainty``
+    only says how low the top one is.
+    """
     log_top, log_second = top_two_label_log_probs(inputs.predictions[0], inputs.box_predictor.use_sigmoid_ce)
     return 1.0 - torch.exp(log_top) * -torch.expm1(log_second - log_top)  # p1 * (1 - p2 / p1)
 

@@ -20,8 +20,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
-from .dataset_checks import Source, Use, judge
-from .dataset_scan import scan_coco, scan_voc
+from .checks import Source, Use, judge
+from .scan import scan_coco, scan_voc
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ message says what is wrong, how many, where (at most ``EXAMPLES`` examples) and 
 import os
 from dataclasses import dataclass
 
-from .dataset_scan import listed
+from .scan import listed
 
 _SIZE_KINDS = {  # finding -> how the message names it
     "size_off_by_pixels": "off by 1-2 px",

@@ -6,7 +6,7 @@ iteration, ``ohem/*`` diagnostics, or ``stage{k}/ohem/*`` for each stage of a ca
 ``run.json`` (wall time, written by the runner). Where the run's test set records its unlabelled
 look-alikes (the synthetic generator does), the detections the COCO evaluator saved
 (``inference/<test set>/coco_instances_results.json``) give the false positives on them
-(``ohem_d2/lookalikes.py``); ``config.yaml`` says which test set and JSON file that is. Nothing
+(``ohem_d2/experiments/lookalikes.py``); ``config.yaml`` says which test set and JSON file that is. Nothing
 here trains or evaluates; the report can be rebuilt from those files at any time.
 
 Arms are compared paired: runs of the same seed share initialisation and data order, so the

@@ -1,6 +1,6 @@
 """False positives on look-alikes: the error OHEM is meant to reduce, counted directly.
 
-AP mixes every kind of error. The synthetic generator (``ohem_d2/synthetic_data.py``) draws
+AP mixes every kind of error. The synthetic generator (``ohem_d2/data/synthetic.py``) draws
 unlabelled look-alikes ("distractors": outlines of the class shapes, class shapes in a colour
 outside every class range, other shapes in a class colour) and records each one, without
 annotating it, as ``{"kind", "shape", "bbox": [x, y, w, h]}`` under its image's ``"distractors"``

@@ -1,0 +1,134 @@
+"""What ohem_d2's yacs tools share, as ``detectron2.engine.defaults`` holds what Detectron2's do:
+the argument parsers, the config built and checked in one place, the trainer, the final metrics file.
+
+A run's config is built and its datasets checked once, in the launching process, before any
+worker is spawned: bad input stops there with one line (:data:`USER_ERRORS`).
+"""
+import argparse
+import json
+import logging
+import os
+
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils import comm
+
+from ..config import add_ohem_config, validate_ohem_config
+from ..data.datasets import (
+    DatasetError,
+    add_dataset_config,
+    check_datasets,
+    evaluator_type,
+    register_datasets_from_config,
+)
+from ..modeling.settings import OHEMConfigError
+from .hooks import PeakMemoryHook
+from .launch import cpu_ddp
+
+logger = logging.getLogger(__name__)
+
+# The errors that mean bad input (a path, a key, a value), reported as one line by the tools.
+USER_ERRORS = (OHEMConfigError, DatasetError, FileNotFoundError, KeyError, ValueError)
+
+try:  # Detectron2 built with its C++ ops has the fast COCO evaluator; the pure-Python build does not.
+    from detectron2 import _C  # noqa: F401
+
+    HAS_C_OPS = True
+except ImportError:
+    HAS_C_OPS = False
+
+
+def add_dataset_arguments(parser):
+    """``--register-coco`` and ``--register-voc``: user datasets named on the command line."""
+    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
+                        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                        help="register a COCO-format dataset (repeatable); use NAME in DATASETS.TRAIN/TEST")
+    parser.add_argument("--register-voc", nargs=4, action="append", default=[],
+                        metavar=("NAME", "DIR", "SPLIT", "CLASSES"),
+                        help="register a Pascal-VOC-layout folder with comma-separated class names (repeatable)")
+    return parser
+
+
+def training_argument_parser(description=None):
+    """Detectron2's ``default_argument_parser`` (config file, resume, eval-only, GPUs, machines,
+    rendezvous, overrides) plus the dataset registrations: the arguments of a training tool."""
+    parser = add_dataset_arguments(default_argument_parser())
+    parser.description = description
+    parser.epilog = None
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser
+
+
+def config_argument_parser(description=None):
+    """The arguments that say which config and datasets, for a tool that reads a run's config
+    without training it (no --resume, --eval-only, --num-gpus, ...)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to the config file")
+    add_dataset_arguments(parser)
+    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER,
+                        help="config overrides, KEY VALUE pairs at the end of the command")
+    return parser
+
+
+def build_config(args, check=True):
+    """The run's yacs config from ``args``, with its datasets registered and, with ``check``, the
+    datasets checked (their warnings logged once, here): the launching process checks, the
+    training processes it spawns do not.
+
+    Raises one of ``USER_ERRORS`` with a message that says what to fix.
+    """
+    if not args.config_file or not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"config file {args.config_file!r} not found (pass --config-file PATH.yaml)")
+    cfg = get_cfg()
+    add_ohem_config(cfg)
+    add_dataset_config(cfg)
+    try:
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+    except KeyError as e:  # yacs: "Non-existent config key: ..."
+        raise KeyError(f"{e.args[0]} (in {args.config_file} or the command line)") from None
+    except AssertionError as e:  # yacs: an odd number of override words, or a key that does not exist
+        if "odd length" not in str(e):
+            raise KeyError(f"{e} (in the command-line overrides)") from None
+        flags = [o for o in args.opts if str(o).startswith("--")]
+        hint = f"; options such as {flags[0]} go before the overrides" if flags else ""
+        raise ValueError(f"the trailing config overrides must be KEY VALUE pairs, got {len(args.opts)} "
+                         f"words ending in {args.opts[-1]!r}{hint}") from None
+    cfg.DATASETS.REGISTER_COCO += [list(entry) for entry in args.register_coco]
+    cfg.DATASETS.REGISTER_VOC += [list(entry) for entry in args.register_voc]
+    validate_ohem_config(cfg)
+    register_datasets_from_config(cfg)
+    if check:
+        for warning in check_datasets(cfg):
+            logger.warning(f"warning: {warning}")
+    cfg.freeze()
+    return cfg
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with evaluators chosen from dataset metadata, CPU DDP and peak memory."""
+
+    def __init__(self, cfg):
+        with cpu_ddp():
+            super().__init__(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """PascalVOCDetectionEvaluator or COCOEvaluator by the dataset's evaluator_type; other
+        types (ohem_d2.data.datasets.EVALUABLE_TYPES) were refused before training."""
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        if evaluator_type(dataset_name) == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=HAS_C_OPS)
+
+    def build_hooks(self):
+        return [PeakMemoryHook()] + super().build_hooks()
+
+
+def write_eval_results(output_dir, results):
+    """The final metrics as ``output_dir/eval_results.json``, beside the checkpoints, for scripts
+    and the experiment runner (main process only)."""
+    if comm.is_main_process() and results:
+        with open(os.path.join(output_dir, "eval_results.json"), "w") as f:
+            json.dump(results, f, indent=2)

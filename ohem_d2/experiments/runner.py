@@ -1,0 +1,402 @@
+"""The comparison runner: every arm of an experiment trained the same way, resumable, then the report.
+
+Each arm is the base config with only its RoI-choosing keys changed (:mod:`ohem_d2.arms`), run with
+the same seeds, data order, schedule and RoI budget by tools/train_net.py (a ``.py`` LazyConfig
+base: tools/lazyconfig_train_net.py; :mod:`.config_kinds`) in a subprocess, in its own folder
+OUTPUT/ARM/seed_S with its state in ``run.json``. Finished runs are skipped, an interrupted run
+continues from its last checkpoint, and a folder that holds a run with other settings is never
+overwritten. tools/run_experiment.py is the command line.
+"""
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from ..arms import ARMS, DEFAULT_ARMS, UnknownArmError, describe
+from ..data.synthetic import SyntheticDatasetError, generate_synthetic_dataset
+from ..engine.lazy import LAZY_USER_ERRORS
+from .config_kinds import YACS, config_kind
+from .mining_pictures import USER_ERRORS as PICTURE_ERRORS
+from .mining_pictures import write_mining_pictures
+from .report import SCORE_THRESHOLD, choose_reference, read_metrics, write_report
+
+# The training tools the runs are started with live in the checkout's tools/ (an editable install).
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = os.path.join(REPO, "tools")
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "Synthetic-Detection", "faster_rcnn_R_18_FPN_scratch.yaml")
+POLL_SECONDS = 2.0
+
+
+class ExperimentError(Exception):
+    pass
+
+
+# Bad input of an experiment, reported as one line by tools/run_experiment.py.
+USER_ERRORS = (ExperimentError, UnknownArmError, SyntheticDatasetError, *LAZY_USER_ERRORS)
+
+
+def argument_parser(description=None):
+    """The options of an experiment (tools/run_experiment.py's command line)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", help="base config (default: the embedded synthetic experiment)")
+    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), metavar="ARM",
+                   help=f"arms to compare (known: {', '.join(ARMS)})")
+    p.add_argument("--reference", metavar="ARM",
+                   help="the arm the others are compared with, seed by seed (default: the first of --arms)")
+    p.add_argument("--fp-score-threshold", type=float, default=SCORE_THRESHOLD,
+                   help="score from which a detection on an unlabelled look-alike of the synthetic "
+                        "data counts as a false positive (default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; every arm runs every seed")
+    p.add_argument("--output", default=None, help="experiment folder (default: output/experiment_<config name>)")
+    p.add_argument("--num-gpus", type=int, default=0,
+                   help="GPUs (processes) per run; with MODEL.DEVICE cpu, that many gloo processes per run "
+                        "(0: one process on MODEL.DEVICE of the config)")
+    p.add_argument("--parallel", type=int, default=0,
+                   help="runs at once (default: 1 on a GPU; on the CPU one run per core, each with one thread, "
+                        "which is faster than threads per run). On GPUs each run at once gets its own --num-gpus "
+                        "GPUs out of CUDA_VISIBLE_DEVICES (else all GPUs); single-GPU runs share GPUs round-robin "
+                        "when there are more runs than GPUs (e.g. several small arms on one GPU); multi-GPU runs "
+                        "never share, so --parallel x --num-gpus may not exceed the visible GPUs. Every "
+                        "multi-process run gets its own free rendezvous port")
+    p.add_argument("--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"))
+    p.add_argument("--register-voc", nargs=4, action="append", default=[], metavar=("NAME", "DIR", "SPLIT", "CLASSES"))
+    p.add_argument("--synthetic", action="append", default=[], metavar="KEY=VALUE",
+                   help="a generator setting of the embedded dataset (repeatable), e.g. "
+                        "--synthetic num_train=2000 --synthetic image_size=256; with --config-file it "
+                        "generates and registers synthetic_train/synthetic_val for that config too")
+    p.add_argument("--data-root", default=os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "ohem_synthetic"),
+                   help="where the embedded dataset is written")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
+    p.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                   help="KEY VALUE config overrides for every arm (e.g. SOLVER.MAX_ITER 100)")
+    return p
+
+
+def synthetic_registration(args):
+    """Generate (or reuse) the embedded dataset and return its --register-coco entries."""
+    settings = {}
+    for item in args.synthetic:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ExperimentError(f"--synthetic expects KEY=VALUE, got {item!r}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    try:
+        ds = generate_synthetic_dataset(args.data_root, **settings)
+    except TypeError as e:
+        raise ExperimentError(f"bad --synthetic setting: {e}") from None
+    return [["synthetic_train", ds.train_json, ds.train_images], ["synthetic_val", ds.val_json, ds.val_images]], ds
+
+
+def processes_per_run(args):
+    """Training processes of each run: one per GPU, or per gloo worker on the CPU."""
+    return max(args.num_gpus, 1)
+
+
+def plan_runs(args):
+    """The runs of the experiment: {(arm, seed): (run_dir, training argv)}, and the experiment spec."""
+    config = os.path.abspath(args.config_file or DEFAULT_CONFIG)
+    kind = config_kind(config)
+    # The children run in the repository root: every path they get is made absolute here, against
+    # the caller's directory, where it was meant (and where build_config checks it).
+    register_coco = [[name, os.path.abspath(json_file), os.path.abspath(image_root)]
+                     for name, json_file, image_root in args.register_coco]
+    register_voc = [[name, os.path.abspath(dirname), split, classes]
+                    for name, dirname, split, classes in args.register_voc]
+    synthetic = None
+    if not args.config_file or args.synthetic:  # the embedded dataset, at the requested settings
+        entries, synthetic = synthetic_registration(args)
+        register_coco += entries
+    common = ["--config-file", config, "--num-gpus", str(processes_per_run(args))]
+    opts = list(args.opts)
+    if kind.device_of(opts) is None:  # train where this machine can: the GPU if there is one
+        opts = kind.device_opts("cuda" if torch.cuda.is_available() else "cpu") + opts
+    for entry in register_coco:
+        common += ["--register-coco", *entry]
+    for entry in register_voc:
+        common += ["--register-voc", *entry]
+    base = kind.build_config(kind.argument_parser().parse_args(common + opts))
+    output = os.path.abspath(args.output or os.path.join("output", "experiment_" + os.path.splitext(os.path.basename(config))[0]))
+    runs, arms = {}, {}
+    for arm in args.arms:
+        flags, overrides = kind.arm_args(arm, base)
+        arms[arm] = {"description": describe(arm), "overrides": flags + overrides}
+        for seed in args.seeds:
+            run_dir = os.path.join(output, arm, f"seed_{seed}")
+            argv = common + flags + opts + overrides + kind.run_opts(seed, run_dir)
+            # Every arm's config is valid; its datasets are the base's, checked once above.
+            kind.build_config(kind.argument_parser().parse_args(argv), check=False)
+            runs[(arm, seed)] = (run_dir, argv)
+    experiment = {
+        "base_config": config,
+        "arms": arms,
+        "seeds": args.seeds,
+        "opts": opts,
+        "device": kind.device_of(opts),
+        **kind.schedule(base),
+        "synthetic_dataset": synthetic.settings if synthetic else None,
+    }
+    return output, runs, experiment
+
+
+def run_state(run_dir):
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_run_state(run_dir, **state):
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = os.path.join(run_dir, "run.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, "run.json"))
+
+
+def check_same_settings(run_dir, argv):
+    """Refuse to resume a run folder that was started with other settings."""
+    state = run_state(run_dir)
+    if state and state.get("argv") != argv:
+        raise ExperimentError(
+            f"{run_dir} holds a run started with other settings:\n  was: {shlex.join(state['argv'])}\n"
+            f"  now: {shlex.join(argv)}\nUse another --output, or delete that folder to redo the run."
+        )
+
+
+def last_iteration(run_dir):
+    records = [r for r in read_metrics(os.path.join(run_dir, "metrics.json")) if "iteration" in r]
+    return records[-1]["iteration"] + 1 if records else 0
+
+
+class Run:
+    """One arm and seed, trained by tools/train_net.py in a subprocess (resumable)."""
+
+    def __init__(self, arm, seed, run_dir, argv, max_iter, kind):
+        self.arm, self.seed, self.run_dir, self.argv, self.max_iter = arm, seed, run_dir, argv, max_iter
+        self.tool = kind.tool
+        self.num_processes = kind.argument_parser().parse_args(argv).num_gpus
+        self.port = None
+        self.process = None
+        self.started = None
+        self.previous_wall = run_state(run_dir).get("wall_time_s", 0.0)
+
+    @property
+    def done(self):
+        """Trained (and evaluated, if the config has a test set): train_net.py exited with 0."""
+        return run_state(self.run_dir).get("status") == "done"
+
+    def start(self, env, port=None):
+        """Start training in ``env``; a multi-process run meets its processes at ``port``, which is
+        chosen anew at every start and so kept out of ``argv``, the settings a resume compares."""
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.log = open(os.path.join(self.run_dir, "train_net.out"), "a")
+        self.port = port
+        rendezvous = ["--dist-url", f"tcp://127.0.0.1:{port}"] if port else []
+        command = [sys.executable, os.path.join(TOOLS, self.tool), "--resume", *rendezvous] + self.argv
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.started = time.time()
+        self.save("running")
+
+    def save(self, status):
+        wall = self.previous_wall + (time.time() - self.started if self.started else 0.0)
+        write_run_state(self.run_dir, status=status, argv=self.argv, wall_time_s=wall,
+                        arm=self.arm, seed=self.seed)
+
+    def poll(self):
+        """None while running, else the exit code (recorded in run.json)."""
+        code = self.process.poll()
+        if code is None:
+            self.save("running")
+            return None
+        self.log.close()
+        self.save("done" if code == 0 else f"failed (exit {code})")
+        return code
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
+            self.save("interrupted")
+
+    def tail(self, lines=20):
+        with open(os.path.join(self.run_dir, "train_net.out")) as f:
+            return "".join(f.readlines()[-lines:])
+
+
+def default_parallel(device, num_runs):
+    """One run at a time on a GPU; on the CPU one single-threaded run per core."""
+    return 1 if device != "cpu" else max(1, min(os.cpu_count() or 1, num_runs))
+
+
+def visible_gpus(environ):
+    """The GPUs a child may use, named as CUDA_VISIBLE_DEVICES names them: the caller's list if set."""
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(torch.cuda.device_count())]
+    return [name.strip() for name in listed.split(",") if name.strip()]
+
+
+def gpu_slots(parallel, gpus_per_run, gpus):
+    """CUDA_VISIBLE_DEVICES of each of the ``parallel`` runs at once, carved out of ``gpus``.
+
+    Each run gets its own ``gpus_per_run`` GPUs. Single-GPU runs may share: with more of them than
+    GPUs they go round-robin over the GPUs (small arms that fit one GPU together). Multi-GPU runs
+    never share, as their DDP processes would crowd each other's GPUs.
+    """
+    if not gpus:
+        raise ExperimentError("MODEL.DEVICE is cuda but no GPU is visible; make one visible "
+                              "(CUDA_VISIBLE_DEVICES) or train on the CPU with MODEL.DEVICE cpu")
+    if gpus_per_run == 1:
+        return [gpus[slot % len(gpus)] for slot in range(parallel)]
+    if parallel * gpus_per_run > len(gpus):
+        visible = f"{len(gpus)} is visible" if len(gpus) == 1 else f"{len(gpus)} are visible"
+        if len(gpus) >= gpus_per_run:
+            way_on = f"--parallel {len(gpus) // gpus_per_run}"
+        else:
+            way_on = f"--parallel 1 --num-gpus {len(gpus)}"
+        raise ExperimentError(
+            f"--parallel {parallel} runs of --num-gpus {gpus_per_run} need {parallel * gpus_per_run} GPUs, but "
+            f"{visible} ({','.join(gpus)}); use {way_on} (multi-GPU runs do not share GPUs)"
+        )
+    return [",".join(gpus[slot * gpus_per_run:(slot + 1) * gpus_per_run]) for slot in range(parallel)]
+
+
+def slot_environments(env, device, parallel, gpus_per_run):
+    """The environment of each of the ``parallel`` runs at once: on CUDA, with its own GPUs."""
+    if device != "cuda":
+        return [env] * parallel
+    return [dict(env, CUDA_VISIBLE_DEVICES=gpus) for gpus in gpu_slots(parallel, gpus_per_run, visible_gpus(env))]
+
+
+def free_port(taken=()):
+    """A TCP port that nothing listens on now and that is not in ``taken``.
+
+    ``taken`` holds the ports of the runs still going: a run's processes listen on its port only
+    once they are up, and until then the OS may offer the same port again.
+    """
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        if port not in taken:
+            return port
+
+
+def child_environment(parallel):
+    """Split the CPU cores among the concurrent runs, unless the user chose OMP_NUM_THREADS; and
+    Detectron2's builtin datasets looked up where the caller would find them (the children run in
+    the repository root, so a relative ``DETECTRON2_DATASETS``, or its default ``datasets``, is
+    made absolute against the caller's directory)."""
+    env = dict(os.environ)
+    env["DETECTRON2_DATASETS"] = os.path.abspath(os.path.expanduser(env.get("DETECTRON2_DATASETS", "datasets")))
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [REPO, env.get("PYTHONPATH")] if p)
+    return env
+
+
+def train_all(runs, environments):
+    """Run every unfinished run, one per slot at a time, with progress bars; return the failures.
+
+    Slot k runs in ``environments[k]`` (its GPUs); a multi-process run gets its own rendezvous port.
+    """
+    todo = [r for r in runs if not r.done]
+    for r in runs:
+        if r.done:
+            print(f"[{r.arm} seed {r.seed}] finished earlier: skipped")
+    overall = tqdm(total=sum(r.max_iter for r in runs), desc="all runs", position=0, unit="it", dynamic_ncols=True)
+    overall.update(sum(r.max_iter if r.done else last_iteration(r.run_dir) for r in runs))
+    active, bars, failures = {}, {}, []  # active: slot -> the run in it
+    try:
+        while todo or active:
+            for slot, env in enumerate(environments):
+                if todo and slot not in active:
+                    r = todo.pop(0)
+                    ports_in_use = {a.port for a in active.values()}
+                    r.start(env, free_port(ports_in_use) if r.num_processes > 1 else None)
+                    bars[r] = tqdm(total=r.max_iter, initial=last_iteration(r.run_dir), position=slot + 1,
+                                   desc=f"{r.arm} seed {r.seed}", unit="it", leave=False, dynamic_ncols=True)
+                    active[slot] = r
+            time.sleep(POLL_SECONDS)
+            for slot, r in list(active.items()):
+                progress = min(last_iteration(r.run_dir), r.max_iter)
+                overall.update(progress - bars[r].n)
+                bars[r].update(progress - bars[r].n)
+                code = r.poll()
+                if code is not None:
+                    del active[slot]
+                    bars.pop(r).close()
+                    if code != 0:
+                        failures.append(r)
+                        tqdm.write(f"[{r.arm} seed {r.seed}] failed (exit {code}); last lines of "
+                                   f"{r.run_dir}/train_net.out:\n{r.tail()}")
+    except KeyboardInterrupt:
+        for r in active.values():
+            r.stop()
+        raise ExperimentError("interrupted: re-run the same command to resume from the last checkpoints")
+    finally:
+        overall.close()
+    return failures
+
+
+def mining_pictures(run_dirs, out_dir, num_images=3):
+    """Side-by-side pictures (:mod:`ohem_d2.experiments.mining_pictures`) of what Detectron2's sampler would train
+    on and what OHEM mines, on the first training images, from the checkpoint of the first seed
+    of the ohem arm (else of the first arm whose head has an OHEM counterpart). Returns the PNG
+    paths; none, with a note, where no arm has such a head or drawing fails: the pictures
+    illustrate the report and never stop it."""
+    arms = sorted(run_dirs, key=lambda arm: arm != "ohem")
+    arms = [arm for arm in arms if ARMS[arm][1] in ("ohem", "stock", "heuristics")]
+    if not arms:
+        return []
+    run_dir = run_dirs[arms[0]][min(run_dirs[arms[0]])]
+    try:
+        return write_mining_pictures(os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, "model_final.pth"),
+                                     out_dir, num_images)
+    except PICTURE_ERRORS as e:
+        print(f"note: no mining pictures from {run_dir}: {e.args[0] if e.args else e}")
+        return []
+
+
+def run_experiment(args):
+    """Plan, check, train (what is not finished), and report the experiment of ``args`` (the
+    options of tools/run_experiment.py). Returns (output folder, the report's table, plot paths).
+
+    Raises ExperimentError (or a config, dataset or arm error) with a one-line message, before
+    any run starts where the input is bad."""
+    choose_reference(args.arms, args.reference)  # a typo stops here, not after training
+    output, planned, experiment = plan_runs(args)
+    for run_dir, run_argv in planned.values():
+        check_same_settings(run_dir, run_argv)
+    os.makedirs(output, exist_ok=True)
+    kind = config_kind(experiment["base_config"])
+    runs = [Run(arm, seed, d, a, experiment["max_iter"], kind) for (arm, seed), (d, a) in planned.items()]
+    if not args.report_only:
+        device = experiment["device"].split(":")[0]
+        parallel = min(args.parallel or default_parallel(device, len(runs)), len(runs))
+        environments = slot_environments(child_environment(parallel), device, parallel, processes_per_run(args))
+        failures = train_all(runs, environments)
+        if failures:
+            raise ExperimentError(f"{len(failures)} run(s) failed; fix the cause and re-run to resume")
+    unfinished = [f"{r.arm} seed {r.seed}" for r in runs if not r.done]
+    if unfinished:
+        raise ExperimentError(f"no results yet for: {', '.join(unfinished)}")
+    run_dirs = {}
+    for r in runs:
+        run_dirs.setdefault(r.arm, {})[r.seed] = r.run_dir
+    _, table, plots = write_report(experiment, run_dirs, output, reference=args.reference,
+                                   score_threshold=args.fp_score_threshold)
+    if kind is YACS:  # the visualiser reads yacs configs
+        plots += mining_pictures(run_dirs, os.path.join(output, "mining_pictures"))
+    return output, table, plots
