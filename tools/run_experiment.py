@@ -16,6 +16,8 @@ trained from scratch, sized for a 2-core CPU.
         --arms stock fast_rcnn_heuristics ohem --seeds 0 1 2 --num-gpus 8 --output output/voc_ohem
     python tools/run_experiment.py --config-file configs/new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ_ohem.py \
         --arms stock ohem --seeds 0 1 2 --num-gpus 8 train.max_iter=90000
+    python tools/run_experiment.py --launcher slurm --partition gpu --num-gpus 8 ...   # each run a SLURM job
+    python tools/run_experiment.py --launcher slurm ... --status      # the grid's state; submits nothing
 """
 import os
 
@@ -27,6 +29,8 @@ def main(argv=None):
     args = argument_parser(__doc__).parse_args(argv)
     output, table, plots = exit_on(USER_ERRORS, run_experiment, args)
     print(table)
+    if args.status:
+        return output
     print(f"Results: {os.path.join(output, 'results.json')}, {os.path.join(output, 'results.md')}")
     print("Plots: " + ", ".join(plots))
     return output

@@ -21,6 +21,7 @@ class ConfigKind:
     device_opts: Callable  # device -> overrides that train on it
     device_of: Callable  # overrides -> the device they set, or None
     run_opts: Callable  # (seed, run_dir) -> overrides
+    checkpoint_opts: Callable  # iterations -> overrides that checkpoint every that many iterations
     arm_args: Callable  # (arm, base config) -> (options before the overrides, overrides)
     schedule: Callable  # base config -> {max_iter, ims_per_batch, train, test}
 
@@ -37,6 +38,7 @@ YACS = ConfigKind(
     device_opts=lambda device: ["MODEL.DEVICE", device],
     device_of=lambda opts: _last_value(opts, "MODEL.DEVICE"),
     run_opts=lambda seed, run_dir: ["SEED", str(seed), "OUTPUT_DIR", run_dir],
+    checkpoint_opts=lambda period: ["SOLVER.CHECKPOINT_PERIOD", str(period)],
     arm_args=lambda arm, base: ([], [str(v) for v in arm_overrides(arm, base.MODEL.ROI_HEADS.NAME)]),
     schedule=lambda base: {"max_iter": base.SOLVER.MAX_ITER, "ims_per_batch": base.SOLVER.IMS_PER_BATCH,
                            "train": list(base.DATASETS.TRAIN), "test": list(base.DATASETS.TEST)},
@@ -61,6 +63,7 @@ LAZY = ConfigKind(
     device_opts=lambda device: [f"train.device={device}"],
     device_of=_lazy_device,
     run_opts=lambda seed, run_dir: [f"train.seed={seed}", f"train.output_dir={run_dir}"],
+    checkpoint_opts=lambda period: [f"train.checkpointer.period={period}"],
     arm_args=lambda arm, base: (["--arm", arm], []),
     schedule=_lazy_schedule,
 )

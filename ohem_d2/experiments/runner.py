@@ -22,10 +22,12 @@ from tqdm import tqdm
 from ..arms import ARMS, DEFAULT_ARMS, UnknownArmError, describe
 from ..data.synthetic import SyntheticDatasetError, generate_synthetic_dataset
 from ..engine.lazy import LAZY_USER_ERRORS
+from . import slurm
 from .config_kinds import YACS, config_kind
 from .mining_pictures import USER_ERRORS as PICTURE_ERRORS
 from .mining_pictures import write_mining_pictures
-from .report import SCORE_THRESHOLD, choose_reference, read_metrics, write_report
+from .report import SCORE_THRESHOLD, choose_reference, write_report
+from .run_state import last_iteration, run_state, write_run_state
 
 # The training tools the runs are started with live in the checkout's tools/ (an editable install).
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,7 +41,7 @@ class ExperimentError(Exception):
 
 
 # Bad input of an experiment, reported as one line by tools/run_experiment.py.
-USER_ERRORS = (ExperimentError, UnknownArmError, SyntheticDatasetError, *LAZY_USER_ERRORS)
+USER_ERRORS = (ExperimentError, slurm.SlurmError, UnknownArmError, SyntheticDatasetError, *LAZY_USER_ERRORS)
 
 
 def argument_parser(description=None):
@@ -74,6 +76,7 @@ def argument_parser(description=None):
     p.add_argument("--data-root", default=os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "ohem_synthetic"),
                    help="where the embedded dataset is written")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
+    slurm.add_arguments(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                    help="KEY VALUE config overrides for every arm (e.g. SOLVER.MAX_ITER 100)")
     return p
@@ -148,22 +151,6 @@ def plan_runs(args):
     return output, runs, experiment
 
 
-def run_state(run_dir):
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_run_state(run_dir, **state):
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = os.path.join(run_dir, "run.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, "run.json"))
-
-
 def check_same_settings(run_dir, argv):
     """Refuse to resume a run folder that was started with other settings."""
     state = run_state(run_dir)
@@ -174,17 +161,13 @@ def check_same_settings(run_dir, argv):
         )
 
 
-def last_iteration(run_dir):
-    records = [r for r in read_metrics(os.path.join(run_dir, "metrics.json")) if "iteration" in r]
-    return records[-1]["iteration"] + 1 if records else 0
-
-
 class Run:
     """One arm and seed, trained by tools/train_net.py in a subprocess (resumable)."""
 
     def __init__(self, arm, seed, run_dir, argv, max_iter, kind):
         self.arm, self.seed, self.run_dir, self.argv, self.max_iter = arm, seed, run_dir, argv, max_iter
         self.tool = kind.tool
+        self.tool_path = os.path.join(TOOLS, kind.tool)
         self.num_processes = kind.argument_parser().parse_args(argv).num_gpus
         self.port = None
         self.process = None
@@ -203,7 +186,7 @@ class Run:
         self.log = open(os.path.join(self.run_dir, "train_net.out"), "a")
         self.port = port
         rendezvous = ["--dist-url", f"tcp://127.0.0.1:{port}"] if port else []
-        command = [sys.executable, os.path.join(TOOLS, self.tool), "--resume", *rendezvous] + self.argv
+        command = [sys.executable, self.tool_path, "--resume", *rendezvous] + self.argv
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.started = time.time()
         self.save("running")
@@ -369,6 +352,38 @@ def mining_pictures(run_dirs, out_dir, num_images=3):
         return []
 
 
+def paths_read(argv, output):
+    """The files and folders a run's command reads or writes: its config, its datasets, its output."""
+    paths = [output]
+    for flag, positions in (("--config-file", (1,)), ("--register-coco", (2, 3)), ("--register-voc", (2,))):
+        paths += [argv[i + k] for i, word in enumerate(argv) if word == flag for k in positions]
+    return paths
+
+
+def train_on_slurm(args, runs, experiment, kind, output, device):
+    """The grid on SLURM: check the cluster and every path before submitting anything, re-attach
+    to the runs still queued, submit the rest, wait for all. Raises ExperimentError naming the
+    runs that did not finish."""
+    resources = slurm.check_cluster(slurm.resources_from(args, device), paths_read(runs[0].argv, output))
+    done, attached, todo = slurm.plan_grid(runs)
+    print(f"SLURM grid of {len(runs)} runs on partition {resources.partition!r}: {len(done)} done, "
+          f"{len(attached)} queued or running (re-attached), {len(todo)} to submit")
+    opts = experiment["opts"]
+    user_sets_period = any(str(o) in ("SOLVER.CHECKPOINT_PERIOD",) or str(o).startswith("train.checkpointer.period=")
+                           for o in opts)
+    extra_opts = [] if user_sets_period else kind.checkpoint_opts(args.checkpoint_period)
+    environ = dict(child_environment(1))
+    if "OMP_NUM_THREADS" not in os.environ:
+        environ["OMP_NUM_THREADS"] = str(max(1, resources.cpus_per_task // resources.processes_per_node))
+    if todo:
+        slurm.submit(todo, resources, os.path.join(output, "slurm"), kind, extra_opts, environ)
+    unfinished = slurm.follow(runs, experiment["max_iter"])
+    if unfinished:
+        raise ExperimentError(f"{len(unfinished)} run(s) did not finish: "
+                              f"{', '.join(f'{r.arm} seed {r.seed}' for r in unfinished)}; their logs are linked "
+                              "from their folders (slurm.out, slurm.err); re-run the same command to resubmit them")
+
+
 def run_experiment(args):
     """Plan, check, train (what is not finished), and report the experiment of ``args`` (the
     options of tools/run_experiment.py). Returns (output folder, the report's table, plot paths).
@@ -382,8 +397,12 @@ def run_experiment(args):
     os.makedirs(output, exist_ok=True)
     kind = config_kind(experiment["base_config"])
     runs = [Run(arm, seed, d, a, experiment["max_iter"], kind) for (arm, seed), (d, a) in planned.items()]
-    if not args.report_only:
-        device = experiment["device"].split(":")[0]
+    if args.status:
+        return output, "\n".join(slurm.status_lines(runs, experiment["max_iter"])), []
+    device = experiment["device"].split(":")[0]
+    if args.launcher == "slurm" and not args.report_only:
+        train_on_slurm(args, runs, experiment, kind, output, device)
+    elif not args.report_only:
         parallel = min(args.parallel or default_parallel(device, len(runs)), len(runs))
         environments = slot_environments(child_environment(parallel), device, parallel, processes_per_run(args))
         failures = train_all(runs, environments)
