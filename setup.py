@@ -27,5 +27,6 @@ setup(
         "matplotlib>=3.5",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # submitit: the SLURM launcher of tools/run_experiment.py (--launcher slurm), imported by it alone.
+    extras_require={"slurm": ["submitit>=1.5"], "test": ["pytest>=7", "submitit>=1.5"]},
 )

@@ -42,8 +42,8 @@ def test_benchmark_stage_writes_every_part_and_the_targets(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert {k for k in ledger(tmp_path) if k.startswith("benchmark/")} == {"benchmark/fpn", "benchmark/mask"}
     summary = (tmp_path / "benchmark" / "summary.md").read_text()
-    assert "| R18-FPN two_pass fp32: time <= 1.03x stock |" in summary
-    assert "| R18-FPN-Mask (bitmask) two_pass fp32: peak memory vs stock | n/a | (no target) |" in summary
+    assert "| R18-FPN ohem fp32: time <= 1.03x stock |" in summary
+    assert "| R18-FPN-Mask (bitmask) ohem fp32: peak memory vs stock | n/a | (no target) |" in summary
     assert "### mask" in summary and "| loss_zeroing | R18-FPN-Mask (bitmask) |" in summary
 
 

@@ -76,7 +76,7 @@ def test_a_proposal_below_bg_lo_can_be_mined():
     heads._box_predictions = fake_box_predictions({tuple(P_BELOW_BG_LO): ({0: 20.0}, 0.0)})
     with EventStorage() as storage:
         labelled = heads.label_and_sample_proposals(proposals, targets)
-        _, mined = heads._mine([], labelled)
+        mined = heads.mine([], labelled).mined
         stats = storage.latest()
     assert mined[0].proposal_boxes.tensor.tolist() == [P_BELOW_BG_LO]
     assert stats["ohem/bg_below_bg_lo_share"][0] == 1.0
@@ -91,7 +91,7 @@ def test_loss_cls_box_vs_cls(loss, expected):
     heads = fpn_heads(opts=["MODEL.OHEM.BATCH_SIZE_PER_IMAGE", 1, "MODEL.OHEM.LOSS", loss])
     heads._box_predictions = fake_box_predictions({tuple(P_FG): ({}, 5.0), tuple(P_FAR): ({0: 11.5}, 0.0)})
     with EventStorage():
-        _, mined = heads._mine([], heads.label_and_sample_proposals(proposals, targets))
+        mined = heads.mine([], heads.label_and_sample_proposals(proposals, targets)).mined
     assert mined[0].proposal_boxes.tensor.tolist() == [expected]
 
 

@@ -289,7 +289,7 @@ def test_hardness_option_in_the_head(hardness, expected):
     heads = fpn_heads(opts=["MODEL.OHEM.BATCH_SIZE_PER_IMAGE", 1, "MODEL.OHEM.HARDNESS", hardness])
     heads._box_predictions = fake_box_predictions({tuple(P_FG): ({}, 5.0), tuple(P_FAR): ({0: 11.5}, 0.0)})
     with EventStorage():
-        _, mined = heads._mine([], heads.label_and_sample_proposals(proposals, targets))
+        mined = heads.mine([], heads.label_and_sample_proposals(proposals, targets)).mined
     assert mined[0].proposal_boxes.tensor.tolist() == [expected]
 
 

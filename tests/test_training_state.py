@@ -139,7 +139,8 @@ def test_read_only_pass_scores_with_the_running_statistics_whatever_the_chunking
         heads.box_head.train()
     for chunk in (0, 7):
         heads.ohem = dataclasses.replace(heads.ohem, readonly_chunk_size=chunk)
-        predictions = heads.mine(box_features, labelled, stage=0).predictions
+        with EventStorage():  # mine() records its diagnostics
+            predictions = heads.mine(box_features, labelled, stage=0).predictions
         for actual, wanted in zip(predictions, expected):
             torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5)
 

@@ -75,7 +75,7 @@ class Resources:
 
 def add_arguments(parser):
     """The options of ``--launcher slurm``, named as sbatch names them."""
-    group = parser.add_argument_group("SLURM (--launcher slurm): each run is one task of a job array")
+    group = parser.add_argument_group("launcher; SLURM options (--launcher slurm: each run one task of a job array)")
     group.add_argument("--launcher", choices=("local", "slurm"), default="local",
                        help="local: runs on this machine (default); slurm: each run a SLURM job, via submitit")
     group.add_argument("--status", action="store_true",
