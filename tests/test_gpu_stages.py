@@ -44,7 +44,7 @@ def test_benchmark_stage_writes_every_part_and_the_targets(tmp_path):
     summary = (tmp_path / "benchmark" / "summary.md").read_text()
     assert "| R18-FPN ohem fp32: time <= 1.03x stock |" in summary
     assert "| R18-FPN-Mask (bitmask) ohem fp32: peak memory vs stock | n/a | (no target) |" in summary
-    assert "### mask" in summary and "| loss_zeroing | R18-FPN-Mask (bitmask) |" in summary
+    assert "### mask" in summary and "| ohem_loss_zeroing | R18-FPN-Mask (bitmask) |" in summary
 
 
 def test_study_stopped_at_the_budget_resumes_and_packs_without_checkpoints(tmp_path):
