@@ -35,6 +35,8 @@ HEADS_BY_KIND = {
 _NO_BG_LO = ["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.5], "MODEL.ROI_HEADS.IOU_LABELS", [0, 1]]
 _BG_LO = ["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.1, 0.5], "MODEL.ROI_HEADS.IOU_LABELS", [-1, 0, 1]]
 _QUARTER_FG = ["MODEL.ROI_HEADS.POSITIVE_FRACTION", 0.25]
+# Images drawn by how hard the model finds them (ohem_d2.data.hard_images); yacs configs only.
+_HARD_IMAGES = ["DATALOADER.SAMPLER_TRAIN", "HardImageTrainingSampler"]
 
 # name -> (description, head kind: a key of HEADS_BY_KIND, overrides)
 ARMS = OrderedDict(
@@ -69,6 +71,10 @@ ARMS = OrderedDict(
         ("iou_balanced", ("Libra R-CNN sampler: negatives IoU-balanced over 3 bins, 1:3 fg:bg", "iou_balanced",
                           _NO_BG_LO + _QUARTER_FG)),
         ("focal", ("Detectron2 sampler, focal classification loss (gamma 2)", "focal", _NO_BG_LO + _QUARTER_FG)),
+        ("hard_images", ("Detectron2 sampler; images drawn by their recent loss (HardImageTrainingSampler)",
+                         "stock", _NO_BG_LO + _QUARTER_FG + _HARD_IMAGES)),
+        ("ohem_hard_images", ("OHEM as in the paper; images drawn by their recent loss", "ohem",
+                              _NO_BG_LO + _HARD_IMAGES)),
     ]
 )
 DEFAULT_ARMS = ("stock", "fast_rcnn_heuristics", "ohem")
@@ -142,6 +148,10 @@ def apply_arm_to_lazy_model(model, arm):
                               "support the FPN and C4 heads (StandardROIHeads, Res5ROIHeads and their OHEM heads)")
     overrides = arm_overrides(arm, name)
     pairs = dict(zip(overrides[::2], overrides[1::2]))
+    sampler_keys = [key for key in pairs if key.startswith("DATALOADER.")]
+    if sampler_keys:
+        raise UnknownArmError(f"arm {arm!r} changes the training sampler ({sampler_keys[0]}), which the "
+                              "LazyConfig tool does not build; run it from a yacs (.yaml) config")
     heads._target_ = _head_classes()[pairs.pop("MODEL.ROI_HEADS.NAME")]
     if "ohem" in heads:
         del heads["ohem"]

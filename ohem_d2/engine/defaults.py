@@ -10,6 +10,7 @@ import logging
 import os
 
 from detectron2.config import get_cfg
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_argument_parser
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
@@ -22,8 +23,16 @@ from ..data.datasets import (
     evaluator_type,
     register_datasets_from_config,
 )
+from ..data.hard_images import (
+    INDEX_KEY,
+    SAMPLER_NAME,
+    HardImageTrainingSampler,
+    add_hard_image_config,
+    check_hard_image_config,
+    shared_losses,
+)
 from ..modeling.settings import OHEMConfigError
-from .hooks import PeakMemoryHook
+from .hooks import HardImageFeedback, HardImageLoader, PeakMemoryHook
 from .launch import cpu_ddp
 
 logger = logging.getLogger(__name__)
@@ -83,6 +92,7 @@ def build_config(args, check=True):
     cfg = get_cfg()
     add_ohem_config(cfg)
     add_dataset_config(cfg)
+    add_hard_image_config(cfg)
     try:
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts)
@@ -98,6 +108,8 @@ def build_config(args, check=True):
     cfg.DATASETS.REGISTER_COCO += [list(entry) for entry in args.register_coco]
     cfg.DATASETS.REGISTER_VOC += [list(entry) for entry in args.register_voc]
     validate_ohem_config(cfg)
+    if cfg.DATALOADER.SAMPLER_TRAIN == SAMPLER_NAME:
+        check_hard_image_config(cfg)
     register_datasets_from_config(cfg)
     if check:
         for warning in check_datasets(cfg):
@@ -122,8 +134,26 @@ class Trainer(DefaultTrainer):
             return PascalVOCDetectionEvaluator(dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=HAS_C_OPS)
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's loader; with ``DATALOADER.SAMPLER_TRAIN: HardImageTrainingSampler``, its
+        records numbered for the sampler and the loader wrapped for the loss feedback."""
+        if cfg.DATALOADER.SAMPLER_TRAIN != SAMPLER_NAME:
+            return super().build_train_loader(cfg)
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+        records = [dict(d, **{INDEX_KEY: i}) for i, d in enumerate(dicts)]
+        settings = cfg.DATALOADER.HARD_IMAGES
+        sampler = HardImageTrainingSampler(shared_losses(len(records)), settings.TEMPERATURE, settings.FLOOR)
+        return HardImageLoader(build_detection_train_loader(cfg, dataset=records, sampler=sampler), sampler.losses)
+
     def build_hooks(self):
-        return [PeakMemoryHook()] + super().build_hooks()
+        extra = [PeakMemoryHook()]
+        if isinstance(self._trainer.data_loader, HardImageLoader):
+            extra.append(HardImageFeedback(self._trainer.data_loader, self.cfg.DATALOADER.HARD_IMAGES.MOMENTUM))
+        return extra + super().build_hooks()
 
 
 def write_eval_results(output_dir, results):
