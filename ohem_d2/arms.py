@@ -1,7 +1,8 @@
 """The arms of a baseline-versus-OHEM comparison, as config overrides on one base config.
 
-Every arm is the same base config (model, data, schedule, seed, RoI budget) with only the
-RoI-choosing keys changed, so that a difference in AP is the sampler's doing. The stock
+Every arm is the same base config (model, data, schedule, seed, RoI budget) with only the keys
+that choose what trains changed (the RoIs; the images too for ``hard_images`` and
+``ohem_hard_images``), so that a difference in AP is the sampler's doing. The stock
 and OHEM heads of each family are paired here, which lets any Detectron2 config serve as base.
 
 Besides the paper's OHEM and its variants, the peers that answer the same question without it:

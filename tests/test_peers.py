@@ -68,11 +68,13 @@ def one_training_step(heads, seed=0):
 @pytest.mark.parametrize("arm", list(ARMS))
 @pytest.mark.parametrize("config", [FPN, C4])
 def test_every_arm_is_the_base_config_with_only_the_roi_choice_changed(arm, config):
+    """Only the choice of what trains changes: the RoIs, and for the hard-image arms the images."""
     base = load_cfg(config, tiny=False)
     armed = load_cfg(config, arm_overrides(arm, base.MODEL.ROI_HEADS.NAME), tiny=False)
     base, armed = flatten(base), flatten(armed)
     changed = {k for k in base if base[k] != armed[k] and not k.startswith("MODEL.OHEM.")}
-    assert changed <= SAMPLING_KEYS, changed
+    image_choice = {"DATALOADER.SAMPLER_TRAIN"} if "hard_images" in arm else set()
+    assert changed <= SAMPLING_KEYS | image_choice, changed
     assert armed["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"] == base["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"] == 512
 
 
