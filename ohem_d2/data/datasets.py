@@ -169,8 +169,9 @@ def check_datasets(cfg, outputs=None):
     use = {"filter_empty": cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
            "sizes_from_images": cfg.DATASETS.SIZES_FROM_IMAGES}
     for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]):
-        stops, warnings, scan = _judge(name, Use(train=name in train, test=name in cfg.DATASETS.TEST, **use))
-        found[name] = (stops, warnings)
+        dataset_stops, dataset_warnings, scan = _judge(name, Use(train=name in train, test=name in cfg.DATASETS.TEST,
+                                                                **use))
+        found[name] = (dataset_stops, dataset_warnings)
         images[name] = None if scan is None else scan["images"]
         if name in DatasetCatalog.list():
             classes[name] = _classes(name, scan)
@@ -178,9 +179,9 @@ def check_datasets(cfg, outputs=None):
         found[name][0].append(message)
     trained = next((name for name in train if name in classes), None)
     if trained is not None:
-        stops, warnings = judge_num_classes(classes[trained], class_outputs(cfg) if outputs is None else outputs)
-        found[trained][0].extend(stops)
-        found[trained][1].extend(warnings)
+        class_stops, class_warnings = judge_num_classes(classes[trained], class_outputs(cfg) if outputs is None else outputs)
+        found[trained][0].extend(class_stops)
+        found[trained][1].extend(class_warnings)
 
     stops = [f"dataset {name!r}: {message}" for name, (messages, _) in found.items() for message in messages]
     warnings = [f"dataset {name!r}: {message}" for name, (_, messages) in found.items() for message in messages]
@@ -192,7 +193,7 @@ def check_datasets(cfg, outputs=None):
         )
     counted = [f"{name} ({'no files to read' if n is None else f'{n} images'})" for name, n in images.items()]
     logger.info("datasets checked in %.2f s: %s; no problem stops the run, %d warning(s)",
-                time.perf_counter() - start, ", ".join(counted), len(warnings))
+                time.perf_counter() - start, ", ".join(counted) or "none", len(warnings))
     return warnings
 
 

@@ -11,7 +11,7 @@ can be cached (``scan_cache``) and judged later against the run's settings (``da
 * ``images`` and ``objects``: how many the dataset has; ``object_names`` (VOC): their counts;
 * ``class_names`` (COCO): the category names in the order Detectron2 numbers them;
 * ``images_elsewhere`` (COCO): the folder one level below or above the image folder that holds
-  image files missing from it, and how many (``folder_holding``), or None.
+  image files missing from it, and how many (``_folder_holding``), or None.
 
 Images are read from their headers only (``image_files.read_image_header``).
 """
@@ -92,7 +92,7 @@ def _scan_coco(json_file, image_root, stamps):
     _scan_coco_annotations(findings, annotations, by_id, sizes)
     return _scan(errors, findings, len(by_id), len(annotations), file_sizes,
                  class_names=_coco_class_names(data["categories"]),
-                 images_elsewhere=folder_holding(stamps, image_root, missing))
+                 images_elsewhere=_folder_holding(stamps, image_root, missing))
 
 
 def _coco_class_names(categories):
@@ -104,7 +104,7 @@ def _coco_class_names(categories):
         return None
 
 
-def folder_holding(stamps, image_root, missing):
+def _folder_holding(stamps, image_root, missing):
     """The folder one level below ``image_root`` (a subfolder) or above it (its parent) that holds
     the most of the ``missing`` image files (names relative to ``image_root``), and how many of
     them: ``{"folder", "count"}``; None if none holds any. A user who gives the dataset's top

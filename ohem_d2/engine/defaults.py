@@ -83,7 +83,8 @@ def config_argument_parser(description=None):
 
 def build_config(args, check=True):
     """The run's yacs config from ``args``, with its datasets registered and, with ``check``, the
-    datasets checked (their warnings logged once, here): the launching process checks, the
+    weights it loads and its datasets checked (the warnings, of training from scratch too, logged
+    once, here; the datasets' line shown on the console): the launching process checks, the
     training processes it spawns do not.
 
     Raises one of ``USER_ERRORS`` with a message that says what to fix.
