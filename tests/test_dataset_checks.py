@@ -92,10 +92,12 @@ def write_voc(root, images, split="train"):
 
 
 def make_cfg(train=(), test=(), *opts):
+    """A config of these datasets, for a model of one class (as the datasets below have) unless
+    ``opts`` say otherwise."""
     cfg = get_cfg()
     add_dataset_config(cfg)
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(train), tuple(test)
-    cfg.merge_from_list(list(opts))
+    cfg.merge_from_list(["MODEL.ROI_HEADS.NUM_CLASSES", 1, *opts])
     return cfg
 
 
@@ -185,7 +187,8 @@ def test_sizes_from_images_for_a_dataset_that_detectron2_registered(tmp_path, mo
     write_image(os.path.join(meta.image_root, "a.jpg"), (41, 30))
     builtin_loader = DatasetCatalog["coco_2017_val"]
     try:
-        assert "1 off by 1-2 px" in warnings_of(["coco_2017_val"], [], "DATASETS.SIZES_FROM_IMAGES", True)
+        assert "1 off by 1-2 px" in warnings_of(["coco_2017_val"], [], "DATASETS.SIZES_FROM_IMAGES", True,
+                                                "MODEL.ROI_HEADS.NUM_CLASSES", 80)
         (record,) = DatasetCatalog.get("coco_2017_val")
         assert (record["width"], record["height"]) == (41, 30) and record["annotations"][0]["category_id"] == 0
     finally:
@@ -229,6 +232,31 @@ def test_missing_unreadable_and_truncated_image_files_stop(tmp_path):
     # Bytes after the end marker, or a PNG cut after its pixel data: PIL decodes them, and so
     # does Detectron2's read_image.
     assert "trailer.jpg (" not in message and "no_iend.png (" not in message
+
+
+@pytest.mark.parametrize("layout", ["one folder down", "one folder up"])
+def test_image_files_in_the_folder_next_to_the_image_folder_are_found(tmp_path, layout):
+    json_file, images = write_coco(tmp_path, [ok_image("a.jpg"), ok_image("b.jpg")], [(0, [2, 2, 10, 10])])
+    given = tmp_path if layout == "one folder down" else tmp_path / "images" / "train"  # where they are not
+    given.mkdir(exist_ok=True)
+    name = register_coco(unique_name(tmp_path), json_file, given)
+    assert the_line(stop_message([name]), "are not in").endswith(
+        f"2 of the 2 images of {json_file} are not in {given}: a.jpg, b.jpg; Detectron2 would stop at the first it "
+        f"loads: all of them are in {images}: use {images} as the image folder (IMAGE_ROOT of --register-coco, the "
+        "third item of a DATASETS.REGISTER_COCO entry)")
+
+
+def test_some_image_files_in_the_folder_next_to_the_image_folder(tmp_path):
+    json_file, images = write_coco(tmp_path, [ok_image("a.jpg"), ok_image("b.jpg"), ok_image("c.jpg")],
+                                   [(0, [2, 2, 10, 10])])
+    os.makedirs(tmp_path / "images" / "more")
+    os.rename(tmp_path / "images" / "b.jpg", tmp_path / "images" / "more" / "b.jpg")
+    os.remove(tmp_path / "images" / "c.jpg")
+    name = register_coco(unique_name(tmp_path), json_file, images)
+    assert the_line(stop_message([name]), "are not in").endswith(
+        f"2 of the 3 images of {json_file} are not in {images}: b.jpg, c.jpg; Detectron2 would stop at the first it "
+        f"loads: 1 of them are in {images}/more: move those into {images}; for the others, add the files, or remove "
+        "these images from the annotations")
 
 
 def test_voc_jpeg_that_is_truncated(tmp_path):
@@ -458,6 +486,100 @@ def test_the_evaluable_types_are_those_train_net_builds_an_evaluator_for(tmp_pat
         assert isinstance(evaluator, PascalVOCDetectionEvaluator if evaluator_type == "pascal_voc" else COCOEvaluator)
 
 
+# Row 8: classes, of the datasets against each other and against the model's heads.
+
+KITCHEN = [{"id": 1, "name": "fork"}, {"id": 2, "name": "spoon"}, {"id": 3, "name": "knife"}]
+# The same names under other ids: Detectron2 numbers them knife, fork, spoon.
+KITCHEN_RENUMBERED = [{"id": 1, "name": "knife"}, {"id": 2, "name": "fork"}, {"id": 3, "name": "spoon"}]
+
+
+def kitchen_dataset(tmp_path, suffix="", categories=KITCHEN):
+    """A one-image COCO dataset of three classes, one box of each."""
+    root = tmp_path / (suffix or "kitchen")
+    annotations = [{"image_id": 1, "bbox": [2, 2, 10, 10], "category_id": c["id"], "iscrowd": 0} for c in categories]
+    return register_coco(unique_name(tmp_path, suffix),
+                         *write_coco(root, [ok_image("a.jpg")], annotations, categories=categories))
+
+
+def test_a_test_set_with_the_classes_under_other_ids_stops_with_both_lists(tmp_path):
+    train, test = kitchen_dataset(tmp_path, "_train"), kitchen_dataset(tmp_path, "_val", KITCHEN_RENUMBERED)
+    line = the_line(stop_message([train], [test], "MODEL.ROI_HEADS.NUM_CLASSES", 3), "its classes differ")
+    assert line == (
+        f"- dataset '{test}': its classes differ from those of '{train}' (the first of DATASETS.TRAIN): '{test}' has "
+        f"['knife', 'fork', 'spoon'], '{train}' has ['fork', 'spoon', 'knife']; the class ids 0: 'knife' vs 'fork', "
+        "1: 'fork' vs 'spoon', 2: 'spoon' vs 'knife' differ. Detectron2 numbers the classes of each dataset by its "
+        "own list (a COCO JSON's categories by id), so the evaluator would score the model's class 0 ('fork') as "
+        f"class 0 of '{test}' ('knife'): give every dataset of the run the same class names in the same order (in "
+        "COCO JSON files, the same category id for each name)")
+    # The lists are the thing_classes that Detectron2's loader gives the datasets.
+    DatasetCatalog.get(train), DatasetCatalog.get(test)
+    assert MetadataCatalog.get(train).thing_classes == ["fork", "spoon", "knife"]
+    assert MetadataCatalog.get(test).thing_classes == ["knife", "fork", "spoon"]
+    # Same ids and names: nothing to say.
+    assert warnings_of([train], [kitchen_dataset(tmp_path, "_same")], "MODEL.ROI_HEADS.NUM_CLASSES", 3) == ""
+
+
+def test_training_sets_with_different_classes_stop(tmp_path):
+    first, second = kitchen_dataset(tmp_path, "_a"), kitchen_dataset(tmp_path, "_b", KITCHEN[:2])
+    line = the_line(stop_message([first, second], [], "MODEL.ROI_HEADS.NUM_CLASSES", 3), "its classes differ")
+    assert (f"'{second}' has ['fork', 'spoon'], '{first}' has ['fork', 'spoon', 'knife']; the class ids "
+            "2: (none) vs 'knife' differ") in line
+    assert "so Detectron2 would stop when it merges the training sets: give every dataset" in line
+
+
+def test_fewer_model_classes_than_the_dataset_has_stop_naming_the_dropped_classes(tmp_path):
+    name = kitchen_dataset(tmp_path)
+    assert the_line(stop_message([name], [], "MODEL.ROI_HEADS.NUM_CLASSES", 2), "NUM_CLASSES") == (
+        f"- dataset '{name}': it has 3 class(es), but MODEL.ROI_HEADS.NUM_CLASSES is 2: the model would have no "
+        "output for 'knife' (id 2), which Detectron2 would train as background or stop on; set "
+        "MODEL.ROI_HEADS.NUM_CLASSES 3")
+
+
+def test_num_classes_left_at_the_coco_default_stops_with_the_override(tmp_path):
+    name = kitchen_dataset(tmp_path)
+    cfg = get_cfg()  # Detectron2's default, as a COCO config leaves it
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 80
+    assert the_line(stop_message([name], [], "MODEL.ROI_HEADS.NUM_CLASSES", 80), "NUM_CLASSES") == (
+        f"- dataset '{name}': it has 3 class(es), but MODEL.ROI_HEADS.NUM_CLASSES is 80, its default (Detectron2's, "
+        "for COCO), which the config leaves as it is: 77 of the model's output classes (ids 3-79) would never see an "
+        "example; set MODEL.ROI_HEADS.NUM_CLASSES 3")
+
+
+def test_more_model_classes_than_the_dataset_has_are_a_warning(tmp_path):
+    name = kitchen_dataset(tmp_path)
+    assert warnings_of([name], [], "MODEL.ROI_HEADS.NUM_CLASSES", 5) == (
+        f"dataset '{name}': it has 3 class(es), but MODEL.ROI_HEADS.NUM_CLASSES is 5: 2 of the model's output "
+        "classes (ids 3-4) never see an example and only learn to say no; set MODEL.ROI_HEADS.NUM_CLASSES 3 unless "
+        "that is meant")
+    assert warnings_of([], [name], "MODEL.ROI_HEADS.NUM_CLASSES", 2) == ""  # a test set alone trains nothing
+
+
+def test_the_heads_that_the_meta_architecture_builds_are_checked(tmp_path):
+    name = kitchen_dataset(tmp_path)
+    retinanet = ("MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.ROI_HEADS.NUM_CLASSES", 2)
+    assert ("it has 3 class(es), but MODEL.RETINANET.NUM_CLASSES is 80, its default"
+            in stop_message([name], [], *retinanet))
+    assert warnings_of([name], [], *retinanet, "MODEL.RETINANET.NUM_CLASSES", 3) == ""
+    # A semantic head predicts the dataset's stuff_classes, and only a semantic segmentor has one.
+    semantic = unique_name(tmp_path, "_sem")
+    DatasetCatalog.register(semantic, lambda: [])
+    MetadataCatalog.get(semantic).stuff_classes = ["things", "sky", "grass"]
+    assert (f"dataset '{semantic}': it has 3 class(es), but MODEL.SEM_SEG_HEAD.NUM_CLASSES is 54, its default"
+            in stop_message([semantic], [], "MODEL.META_ARCHITECTURE", "SemanticSegmentor"))
+    assert warnings_of([semantic]) == ""
+
+
+def test_the_passing_check_logs_one_line_with_datasets_images_time_and_warnings(tmp_path, caplog):
+    train = coco_dataset(tmp_path, [ok_image("a.jpg"), ok_image("b.jpg")], [(0, [2, 2, 10, 10]), (1, [2, 2, 0, 10])])
+    test = unique_name(tmp_path, "_custom")
+    DatasetCatalog.register(test, lambda: [])
+    caplog.set_level("INFO", logger="ohem_d2.data.datasets")
+    warnings_of([train], [test])
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert line.startswith("datasets checked in ") and line.endswith(
+        f" s: {train} (2 images), {test} (no files to read); no problem stops the run, 1 warning(s)")
+
+
 # Speed: the cache.
 
 
@@ -522,5 +644,5 @@ def test_clean_coco128_has_only_its_two_unannotated_images_to_say(tmp_path):
     coco128 = require_coco128()
     name = register_coco(unique_name(tmp_path), coco128 / "annotations" / "instances_train2017.json",
                          coco128 / "train2017")
-    warnings = check_datasets(make_cfg([name]))
+    warnings = check_datasets(make_cfg([name], [], "MODEL.ROI_HEADS.NUM_CLASSES", 80))
     assert len(warnings) == 1 and "2 of the 128 images" in warnings[0] and "no annotations" in warnings[0]

@@ -29,7 +29,7 @@ def run(tmp_path, name, boxes):
     """tools/check_datasets.py on a one-image COCO dataset with ``boxes``, as a user runs it."""
     return subprocess.run([sys.executable, str(REPO / "tools" / "check_datasets.py"), "--config-file",
                            str(CONFIGS / FPN_OHEM), "--register-coco", name, *write_coco(tmp_path, boxes),
-                           "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"],
+                           "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "MODEL.ROI_HEADS.NUM_CLASSES", "1"],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -41,6 +41,7 @@ def test_warnings_and_the_time_of_a_cold_and_a_cached_check(tmp_path):
     assert len(warnings) == 1 and "zero width or height" in warnings[0]
     assert "dataset 't_tool_warn': 1 images checked in" in out and "s per 1000), from their headers" in out
     assert "unchanged since the last check (cached)" in out
+    assert " s: t_tool_warn (1 images); no problem stops the run, 1 warning(s)" in out
     assert "no problem stops the run (1 warning(s)); checked in" in out and "again from the cache in" in out
 
 

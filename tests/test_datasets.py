@@ -34,9 +34,10 @@ def check_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("OHEM_D2_CACHE", str(tmp_path / "check_cache"))
 
 
-def make_cfg(train=(), test=(), coco=(), voc=()):
+def make_cfg(train=(), test=(), coco=(), voc=(), num_classes=1):
     cfg = get_cfg()
     add_dataset_config(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(train), tuple(test)
     cfg.DATASETS.REGISTER_COCO, cfg.DATASETS.REGISTER_VOC = list(coco), list(voc)
     return cfg
@@ -121,7 +122,8 @@ def test_coco_dataset_from_the_config_loads_and_reregistering_is_a_no_op(tmp_pat
 
 def test_voc_dataset_with_own_classes_loads_and_evaluates(tmp_path):
     dirname = write_voc(tmp_path)
-    cfg = make_cfg(train=["t_voc_ok"], test=["t_voc_ok"], voc=[["t_voc_ok", dirname, "train", "cat, dog"]])
+    cfg = make_cfg(train=["t_voc_ok"], test=["t_voc_ok"], voc=[["t_voc_ok", dirname, "train", "cat, dog"]],
+                   num_classes=2)
     register_datasets_from_config(cfg)
     check_datasets(cfg)
     meta = MetadataCatalog.get("t_voc_ok")
@@ -228,7 +230,7 @@ def test_voc_class_list_with_an_empty_name(tmp_path):
 
 def test_voc_test_set_needs_the_evaluator_fields(tmp_path):
     dirname = write_voc(tmp_path, evaluator_fields=False)
-    cfg = make_cfg(train=["t_voc_noeval"], voc=[["t_voc_noeval", dirname, "train", "cat,dog"]])
+    cfg = make_cfg(train=["t_voc_noeval"], voc=[["t_voc_noeval", dirname, "train", "cat,dog"]], num_classes=2)
     register_datasets_from_config(cfg)
     check_datasets(cfg)  # training reads only names and boxes
     check_fails("lack what the VOC evaluator reads",

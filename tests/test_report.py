@@ -207,3 +207,49 @@ def test_runs_without_a_test_set_get_no_paired_table_and_no_difference_plot(tmp_
     assert results["arms"]["ohem"]["paired"]["metrics"]["AP"]["verdict"] == "no paired seeds"
     assert "Paired differences" not in table and not (tmp_path / "ap.png").exists()
     assert "FP on look-alikes / image is n/a for every run: no config.yaml in the run folder." in table
+
+
+def test_the_per_class_table_follows_the_datasets_class_order(tmp_path):
+    """COCOEvaluator writes AP-<class> in the order of the dataset's thing_classes; the table keeps it."""
+    order = {"AP-zebra": 30.0, "AP-apple": 20.0, "AP-mango": 10.0}
+    run_dirs = {arm: {0: str(make_run(tmp_path / arm / "seed_0", [{"iteration": 0, "total_loss": 1.0}],
+                                      {"AP": 20.0, **{k: v + bonus for k, v in order.items()}}))}
+                for arm, bonus in (("stock", 0.0), ("ohem", 1.0))}
+    results, table, _ = write_report({}, run_dirs, str(tmp_path))
+    rows = [line.split(" | ")[0] for line in table.split("Per-class AP")[1].splitlines() if line.startswith("| ")]
+    assert rows == ["| class", "| zebra", "| apple", "| mango"]
+    assert "| zebra | 30.0 | +1.0 |" in table
+    assert [k for k in results["arms"]["ohem"]["mean"] if k.startswith("AP-")] == list(order)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures the report saves, by file name, kept open to look at."""
+    from matplotlib.figure import Figure
+
+    saved, savefig = {}, Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.update({Path(path).name: fig})
+                        or savefig(fig, path, **kw))
+    return saved
+
+
+def test_a_short_run_marks_every_logged_point_and_says_why_there_are_few(tmp_path, figures):
+    """A 20-iteration run logs once (iteration 19): its curves are single points, marked, and the
+    picture says why."""
+    records = [{"iteration": 19, "total_loss": 1.5, "ohem/fg_fraction_mined": 0.3, "ohem/loss_mined_mean": 0.9,
+                "ohem/loss_all_mean": 0.5, "ohem/bg_below_bg_lo_share": 0.1, "ohem/nms_removed_per_image": 3.0}]
+    run_dirs = {arm: {0: str(make_run(tmp_path / arm / "seed_0", records))} for arm in ("stock", "ohem")}
+    write_report({}, run_dirs, str(tmp_path))
+    note = ("Only 1 logged point per curve: Detectron2 writes metrics.json\nevery 20 iterations and at the last; a "
+            "longer run draws a curve.")
+    for name in ("loss.png", "mining.png"):
+        fig = figures[name]
+        lines = [line for ax in fig.axes for line in ax.get_lines()]
+        assert lines and all(line.get_marker() == "o" for line in lines), name
+        assert note in [text.get_text() for text in fig.texts], name
+
+    many = [{**records[0], "iteration": i} for i in range(19, 200, 20)]
+    run_dirs = {arm: {0: str(make_run(tmp_path / "long" / arm / "seed_0", many))} for arm in ("stock", "ohem")}
+    write_report({}, run_dirs, str(tmp_path / "long"))
+    assert not [text for name in ("loss.png", "mining.png") for text in figures[name].texts
+                if text.get_text().startswith("Only ")]

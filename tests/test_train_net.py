@@ -84,8 +84,11 @@ def metrics(output):
 
 def test_train_then_eval_only_with_diagnostics_in_metrics(coco_subset, tmp_path):
     out = tmp_path / "run"
-    train_net(coco_args(coco_subset, "SOLVER.MAX_ITER", 2, output=out))
+    done = train_net(coco_args(coco_subset, "SOLVER.MAX_ITER", 2, output=out))
     assert (out / "model_final.pth").is_file()
+    # The check of the datasets said that it ran, on the console, before Detectron2's logging.
+    assert done.stdout.startswith("datasets checked in ") and done.stdout.splitlines()[0].endswith(
+        " s: t_train (6 images), t_val (4 images); no problem stops the run, 0 warning(s)")
     results = json.loads((out / "eval_results.json").read_text())
     assert {"AP", "AP50", "AP75"} <= results["bbox"].keys()
     last = [r for r in metrics(out) if "total_loss" in r][-1]
@@ -219,7 +222,8 @@ def test_cpu_ddp_workers_see_no_gpu(tmp_path, monkeypatch, device, workers_see):
     args = training_argument_parser().parse_args([
         "--num-gpus", "2", "--config-file", str(CONFIGS / FPN_OHEM),
         "--register-coco", f"t_syn_{device}", data.train_json, data.train_images,
-        *opts("DATASETS.TRAIN", f"('t_syn_{device}',)", "DATASETS.TEST", "()", "MODEL.DEVICE", device)])
+        *opts("DATASETS.TRAIN", f"('t_syn_{device}',)", "DATASETS.TEST", "()", "MODEL.DEVICE", device,
+              "MODEL.ROI_HEADS.NUM_CLASSES", 3)])
     launch_workers(print, args, build_config(args).MODEL.DEVICE)
     assert seen == [workers_see]
     assert "CUDA_VISIBLE_DEVICES" not in os.environ  # only the workers' environment

@@ -12,6 +12,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
+from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from ohem_d2.arms import arm_overrides
@@ -108,6 +109,30 @@ def test_the_panels_hold_what_a_training_step_of_each_head_chooses(tmp_path, syn
     assert mined_fg / len(image["mined"]) == pytest.approx(ohem[f"{prefix}ohem/fg_fraction_mined"])
 
 
+def test_a_panel_draws_the_hardest_mined_and_as_many_sampled_rois_in_their_shares(tmp_path, synthetic):
+    cfg, weights = setup_run(tmp_path, synthetic, "fpn")
+    write_mining_pictures(cfg, weights, tmp_path / "few", num_images=1, max_rois=8)
+    (image,) = json.loads((tmp_path / "few" / "mining.json").read_text())
+    sampled, mined, drawn = image["sampled"], image["mined"], image["drawn"]
+    assert len(sampled) == 24 and len(mined) == 12 and len(drawn["sampled"]) == len(drawn["mined"]) == 8
+    hardest = sorted(range(len(mined)), key=lambda i: mined[i]["hardness"], reverse=True)[:8]
+    assert sorted(drawn["mined"]) == sorted(hardest)
+    foreground = sum(roi["foreground"] for roi in sampled)
+    assert sum(sampled[i]["foreground"] for i in drawn["sampled"]) == round(8 * foreground / len(sampled))
+    write_mining_pictures(cfg, weights, tmp_path / "all", num_images=1, max_rois=0)
+    (image,) = json.loads((tmp_path / "all" / "mining.json").read_text())
+    assert image["drawn"] == {"sampled": list(range(24)), "mined": list(range(12))}
+    assert visualize_mining.MAX_ROIS == 32  # the default, of the runner's pictures and the tool's --max-rois
+
+
+def test_a_panel_title_gives_the_totals_and_how_many_are_drawn():
+    rois = Instances((10, 10), gt_classes=torch.tensor([0] * 128 + [3] * 384))
+    assert visualize_mining.title("Detectron2 sampler", "RoIs", rois, 3, 32) == \
+        "Detectron2 sampler: 512 RoIs, 25% fg (32 drawn)"
+    assert visualize_mining.title("OHEM", "mined", rois[:128], 3, "hardest 32") == "OHEM: 128 mined, 100% fg (hardest 32 drawn)"
+    assert visualize_mining.title("OHEM", "mined", rois[:16], 3) == "OHEM: 16 mined, 100% fg"
+
+
 def test_a_stock_run_config_file_is_mined_with_the_ohem_counterpart_head(tmp_path, synthetic):
     """A run's config.yaml (its datasets in DATASETS.REGISTER_COCO) whose head is stock: the same
     checkpoint, mined by the OHEM head of the family."""
@@ -143,7 +168,8 @@ def test_the_command_line_tool_on_real_images(tmp_path):
     summary = json.loads((out / "mining.json").read_text())
     assert len(summary) == 2
     for image in summary:
-        assert len(image["mined"]) == 16 and 16 < len(image["sampled"]) <= 512  # ROI_HEADS.BATCH_SIZE_PER_IMAGE
+        assert len(image["mined"]) == 16 and 32 < len(image["sampled"]) <= 512  # ROI_HEADS.BATCH_SIZE_PER_IMAGE
+        assert len(image["drawn"]["mined"]) == 16 and len(image["drawn"]["sampled"]) == 32  # --max-rois 32
         hardness = [m["hardness"] for m in image["mined"]]
         assert hardness == sorted(hardness, reverse=True)  # hardest first
         png = cv2.imread(str(out / image["png"]))

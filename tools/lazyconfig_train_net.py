@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train and evaluate a LazyConfig (.py) model with ohem_d2: Detectron2's lazyconfig_train_net.py
+r"""Train and evaluate a LazyConfig (.py) model with ohem_d2: Detectron2's lazyconfig_train_net.py
 plus the OHEM heads (configs/common/models/mask_rcnn_fpn_ohem.py, configs/new_baselines/*_ohem.py,
 or any config's model.roi_heads turned into an arm with --arm), datasets registered from the
 command line, the OHEM settings and datasets checked before any process starts (one line, no
@@ -11,12 +11,13 @@ OUTPUT_DIR/eval_results.json. Overrides are LazyConfig's path.key=value.
     python tools/lazyconfig_train_net.py --config-file configs/common/... --arm fast_rcnn_heuristics ...
     python tools/lazyconfig_train_net.py --config-file ... --eval-only train.init_checkpoint=output/model_final.pth
 """
+# ohem_d2 before Detectron2: it imports Detectron2 without the start-up warnings (ohem_d2/__init__.py).
+from ohem_d2.engine import exit_on, launch_workers, write_eval_results
+from ohem_d2.engine.lazy import LAZY_USER_ERRORS, build_lazy_config, do_test, do_train, lazy_argument_parser
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.engine import default_setup
-
-from ohem_d2.engine import exit_on, launch_workers, write_eval_results
-from ohem_d2.engine.lazy import LAZY_USER_ERRORS, build_lazy_config, do_test, do_train, lazy_argument_parser
 
 
 def main(args):

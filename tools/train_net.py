@@ -9,11 +9,7 @@ metrics.json and the final evaluation in OUTPUT_DIR/eval_results.json.
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file ... --resume      # continue from the last checkpoint
 """
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_setup
-from detectron2.evaluation import verify_results
-from detectron2.utils import comm
-
+# ohem_d2 before Detectron2: it imports Detectron2 without the start-up warnings (ohem_d2/__init__.py).
 from ohem_d2.engine import (
     USER_ERRORS,
     Trainer,
@@ -23,6 +19,11 @@ from ohem_d2.engine import (
     training_argument_parser,
     write_eval_results,
 )
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_setup
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
 
 
 def setup(args):

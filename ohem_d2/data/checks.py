@@ -64,8 +64,8 @@ def judge(scan, source, use, class_names=()):
     # cannot parse, make Detectron2 raise at the first it loads, mid-run.
     if count("image_missing"):
         stops.append(f"{count('image_missing')} of the {total} images of {ann} are not in {source.images}: "
-                     f"{examples('image_missing')}; Detectron2 would stop at the first it loads: add the "
-                     "files, or remove these images from the annotations")
+                     f"{examples('image_missing')}; Detectron2 would stop at the first it loads: "
+                     + _where_missing_images_are(scan.get("images_elsewhere"), count("image_missing"), total, source))
     if count("voc_file"):
         stops.append(f"{count('voc_file')} problem(s) in the files of {ann}: {examples('voc_file')}; "
                      "Detectron2's VOC loader would stop on them: fix these files, or take their ids out of the "
@@ -123,6 +123,21 @@ def judge(scan, source, use, class_names=()):
     if source.voc:
         _judge_voc(scan, found, source, use, class_names, stops, warnings)
     return stops, warnings
+
+
+def _where_missing_images_are(elsewhere, missing, total, source):
+    """The advice for image files that are not in the image folder: the folder next to it that
+    holds them (an image folder given one level too high or too deep), else add or remove them."""
+    add_or_remove = "add the files, or remove these images from the annotations"
+    if elsewhere is None:
+        return add_or_remove
+    folder, held = elsewhere["folder"], elsewhere["count"]
+    if held == missing == total:
+        return (f"all of them are in {folder}: use {folder} as the image folder (IMAGE_ROOT of --register-coco, "
+                "the third item of a DATASETS.REGISTER_COCO entry)")
+    if held == missing:
+        return f"they are in {folder}: move them into {source.images}"
+    return f"{held} of them are in {folder}: move those into {source.images}; for the others, {add_or_remove}"
 
 
 def _judge_sizes(found, source, use, total, stops, warnings):

@@ -5,8 +5,9 @@ evaluator is built, so a typo in a name, a wrong ``DETECTRON2_DATASETS``, a VOC 
 does not match the XML, an image file whose size differs from its annotation or a truncated JPEG
 surfaces as an exception deep in a loader, for a test set only when the first evaluation starts,
 after hours of training. ``check_datasets`` reads the annotation files and the image headers
-(never the pixels) before training and reports every problem at once, each with its fix; what
-Detectron2 handles safely comes back as warnings. Its result is cached (``scan_cache``).
+(never the pixels) before training and reports every problem at once, each with its fix, with
+those of the datasets' classes (``class_checks``); what Detectron2 handles safely comes back as
+warnings. Its result is cached (``scan_cache``).
 
 Registration itself is Detectron2's: ``register_coco_instances`` and ``register_pascal_voc``;
 with ``DATASETS.SIZES_FROM_IMAGES`` their loaders' records get the image files' sizes.
@@ -16,11 +17,13 @@ import logging
 import os
 import time
 
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
 from .checks import Source, Use, judge
+from .class_checks import ClassOutputs, judge_class_lists, judge_num_classes
 from .scan import scan_coco, scan_voc
 
 logger = logging.getLogger(__name__)
@@ -137,27 +140,70 @@ def evaluator_type(name):
     return MetadataCatalog.get(name).get("evaluator_type", DEFAULT_EVALUATOR_TYPE)
 
 
-def check_datasets(cfg):
-    """Check the datasets in DATASETS.TRAIN and TEST before training; return the warnings.
+def class_outputs(cfg):
+    """The heads of a yacs config's model that predict classes (those its META_ARCHITECTURE
+    builds), each with its NUM_CLASSES key; none for a config without MODEL."""
+    if "MODEL" not in cfg:
+        return []
+    heads = {"RetinaNet": ["RETINANET"], "SemanticSegmentor": ["SEM_SEG_HEAD"],
+             "PanopticFPN": ["ROI_HEADS", "SEM_SEG_HEAD"], "ProposalNetwork": []}
+    defaults = get_cfg().MODEL
+    return [ClassOutputs(f"MODEL.{head}.NUM_CLASSES", cfg.MODEL[head].NUM_CLASSES, defaults[head].NUM_CLASSES,
+                         f"MODEL.{head}.NUM_CLASSES {{}}", "stuff_classes" if head == "SEM_SEG_HEAD" else "thing_classes")
+            for head in heads.get(cfg.MODEL.META_ARCHITECTURE, ["ROI_HEADS"])]
+
+
+def check_datasets(cfg, outputs=None):
+    """Check the datasets in DATASETS.TRAIN and TEST before training, and their classes against
+    each other and against the model's heads (``outputs``, a list of ``ClassOutputs``; default:
+    ``class_outputs(cfg)``); return the warnings.
 
     Raises ``DatasetError`` listing every problem of every dataset that would stop or corrupt
     the run (with the warnings after them); returns the messages of the problems that Detectron2
-    handles safely, each saying what will happen, for the caller to print.
+    handles safely, each saying what will happen, for the caller to print. A check that stops
+    nothing logs one line (INFO): the datasets, their image counts, its time, how many warnings.
     """
-    stops, warnings, failing = [], [], []
+    start = time.perf_counter()
+    train = list(dict.fromkeys(cfg.DATASETS.TRAIN))
+    found, images, classes = {}, {}, {}
     use = {"filter_empty": cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
            "sizes_from_images": cfg.DATASETS.SIZES_FROM_IMAGES}
     for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]):
-        found = _judge(name, Use(train=name in cfg.DATASETS.TRAIN, test=name in cfg.DATASETS.TEST, **use))
-        stops += [f"dataset {name!r}: {message}" for message in found[0]]
-        warnings += [f"dataset {name!r}: {message}" for message in found[1]]
-        failing += [name] if found[0] else []
+        dataset_stops, dataset_warnings, scan = _judge(name, Use(train=name in train, test=name in cfg.DATASETS.TEST,
+                                                                **use))
+        found[name] = (dataset_stops, dataset_warnings)
+        images[name] = None if scan is None else scan["images"]
+        if name in DatasetCatalog.list():
+            classes[name] = _classes(name, scan)
+    for name, message in judge_class_lists({name: c["thing_classes"] for name, c in classes.items()}, train):
+        found[name][0].append(message)
+    trained = next((name for name in train if name in classes), None)
+    if trained is not None:
+        class_stops, class_warnings = judge_num_classes(classes[trained], class_outputs(cfg) if outputs is None else outputs)
+        found[trained][0].extend(class_stops)
+        found[trained][1].extend(class_warnings)
+
+    stops = [f"dataset {name!r}: {message}" for name, (messages, _) in found.items() for message in messages]
+    warnings = [f"dataset {name!r}: {message}" for name, (_, messages) in found.items() for message in messages]
     if stops:
+        failing = [name for name, (messages, _) in found.items() if messages]
         also = "\nWarnings (these alone would not stop the run):\n- " + "\n- ".join(warnings) if warnings else ""
         raise DatasetError(
             f"{len(failing)} dataset(s) of this run cannot be used:\n- " + "\n- ".join(stops) + also
         )
+    counted = [f"{name} ({'no files to read' if n is None else f'{n} images'})" for name, n in images.items()]
+    logger.info("datasets checked in %.2f s: %s; no problem stops the run, %d warning(s)",
+                time.perf_counter() - start, ", ".join(counted) or "none", len(warnings))
     return warnings
+
+
+def _classes(name, scan):
+    """{"thing_classes", "stuff_classes"} of a registered dataset, each None where unknown before
+    loading it: a COCO JSON's categories as Detectron2 will number them, else the metadata's."""
+    meta = MetadataCatalog.get(name)
+    things = None if scan is None else scan["class_names"]
+    return {"thing_classes": things if things is not None else meta.get("thing_classes", None),
+            "stuff_classes": meta.get("stuff_classes", None)}
 
 
 def _entry(key, entry, form, length):
@@ -185,11 +231,12 @@ def _describe(fields):
 
 
 def _judge(name, use):
-    """(stops, warnings) of one dataset."""
+    """(stops, warnings, scan) of one dataset; the scan is None for a dataset whose files are
+    not known (a custom loader) or not registered."""
     if name not in DatasetCatalog.list():
         close = difflib.get_close_matches(name, DatasetCatalog.list(), n=5)
         hint = f"did you mean {', '.join(map(repr, close))}? Otherwise " if close else ""
-        return [f"no dataset of this name is registered; {hint}{REGISTER_HOWTO}"], []
+        return [f"no dataset of this name is registered; {hint}{REGISTER_HOWTO}"], [], None
     stops, warnings = [], []
     if use.test and evaluator_type(name) not in EVALUABLE_TYPES:
         # Stop: Trainer.build_evaluator would raise at the first evaluation, after training.
@@ -200,6 +247,7 @@ def _judge(name, use):
             "afterwards with Detectron2's evaluator for that type (detectron2.evaluation)"
         )
     scanned = _scan(name)
+    scan = None
     if scanned is not None:  # else registered with a custom loader and no file metadata
         scan, source = scanned
         found = judge(scan, source, use, MetadataCatalog.get(name).get("thing_classes", ()))
@@ -211,7 +259,7 @@ def _judge(name, use):
                 f"(now {root}): set DETECTRON2_DATASETS to the folder that holds it (layout: "
                 "https://detectron2.readthedocs.io/en/latest/tutorials/builtin_datasets.html)"
             )
-    return stops, warnings
+    return stops, warnings, scan
 
 
 def _source(name):
@@ -238,7 +286,7 @@ def _scan(name):
     else:
         scan, from_cache = scan_coco(source.annotations, source.images)
     seconds = time.perf_counter() - start
-    logger.info(
+    logger.debug(
         "dataset %r: %d images checked in %.3f s (%.3f s per 1000), %s", name, scan["images"], seconds,
         1000 * seconds / max(scan["images"], 1),
         "unchanged since the last check (cached)" if from_cache else "from their headers",

@@ -8,7 +8,10 @@ can be cached (``scan_cache``) and judged later against the run's settings (``da
   first few ``examples``;
 * ``file_sizes``: the width and height that Detectron2 will read from each image file whose
   annotated size differs (or is absent), keyed by the ``file_name`` of its dataset record;
-* ``images`` and ``objects``: how many the dataset has; ``object_names`` (VOC): their counts.
+* ``images`` and ``objects``: how many the dataset has; ``object_names`` (VOC): their counts;
+* ``class_names`` (COCO): the category names in the order Detectron2 numbers them;
+* ``images_elsewhere`` (COCO): the folder one level below or above the image folder that holds
+  image files missing from it, and how many (``_folder_holding``), or None.
 
 Images are read from their headers only (``image_files.read_image_header``).
 """
@@ -22,6 +25,9 @@ from .image_files import SWAPPING_ORIENTATIONS, read_image_header
 from .scan_cache import cached_check
 
 EXAMPLES = 5  # examples kept per finding, so that one bad folder does not flood the log
+# Missing image files looked up in each folder next to the image folder, to find the one that
+# holds them (all of them are counted there).
+_PROBED = 20
 # Exports write x + w = 640.0000001 for a box that ends at the border: that is not outside.
 _OUTSIDE_TOLERANCE = 0.01
 
@@ -54,9 +60,11 @@ class Findings:
                 for kind, n in self._counts.items()}
 
 
-def _scan(errors, findings=None, images=0, objects=0, file_sizes=None, object_names=None):
+def _scan(errors, findings=None, images=0, objects=0, file_sizes=None, object_names=None, class_names=None,
+          images_elsewhere=None):
     return {"errors": errors, "findings": findings.to_json() if findings else {}, "images": images,
-            "objects": objects, "file_sizes": file_sizes or {}, "object_names": object_names or {}}
+            "objects": objects, "file_sizes": file_sizes or {}, "object_names": object_names or {},
+            "class_names": class_names, "images_elsewhere": images_elsewhere}
 
 
 def _scan_coco(json_file, image_root, stamps):
@@ -80,27 +88,58 @@ def _scan_coco(json_file, image_root, stamps):
 
     findings, file_sizes = Findings(), {}
     by_id = {im.get("id"): im for im in images}  # as pycocotools indexes them: the last of an id wins
-    sizes = _scan_coco_images(findings, file_sizes, stamps, by_id, image_root)
+    sizes, missing = _scan_coco_images(findings, file_sizes, stamps, by_id, image_root)
     _scan_coco_annotations(findings, annotations, by_id, sizes)
-    return _scan(errors, findings, len(by_id), len(annotations), file_sizes)
+    return _scan(errors, findings, len(by_id), len(annotations), file_sizes,
+                 class_names=_coco_class_names(data["categories"]),
+                 images_elsewhere=_folder_holding(stamps, image_root, missing))
+
+
+def _coco_class_names(categories):
+    """The category names in the order Detectron2's load_coco_json numbers them (by category id:
+    its thing_classes), or None where the categories are not all dicts with an id and a name."""
+    try:
+        return [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
+    except (TypeError, KeyError):
+        return None
+
+
+def _folder_holding(stamps, image_root, missing):
+    """The folder one level below ``image_root`` (a subfolder) or above it (its parent) that holds
+    the most of the ``missing`` image files (names relative to ``image_root``), and how many of
+    them: ``{"folder", "count"}``; None if none holds any. A user who gives the dataset's top
+    folder (or one folder too deep) as the image folder is told where the images are."""
+    if not missing:
+        return None
+    folders = sorted(entry.path for entry in os.scandir(image_root) if entry.is_dir())
+    folders.append(os.path.dirname(os.path.abspath(image_root)))
+
+    def found(folder, names):
+        relative = os.path.relpath(folder, image_root)
+        return sum(stamps.stat(os.path.join(relative, name)) is not None for name in names)
+
+    best = max(folders, key=lambda folder: found(folder, missing[:_PROBED]))
+    count = found(best, missing)
+    return {"folder": os.path.abspath(best), "count": count} if count else None
 
 
 def _scan_coco_images(findings, file_sizes, stamps, by_id, image_root):
     """Record the image files' defects; return {image id: the size its boxes are clipped to}
-    (the file's as Detectron2 reads it, else the annotated one, else None)."""
-    sizes = {}
+    (the file's as Detectron2 reads it, else the annotated one, else None), and the names of the
+    image files that are not in ``image_root``."""
+    sizes, missing = {}, []
     have_folder = os.path.isdir(image_root)
     for image_id, im in by_id.items():
         name = str(im.get("file_name", ""))
         annotated = sizes[image_id] = _size(im.get("width"), im.get("height"))
-        header = _image_header(findings, stamps, name, "image_missing", name) if have_folder else None
+        header = _image_header(findings, stamps, name, "image_missing", name, missing) if have_folder else None
         if header:
             sizes[image_id] = (header.width, header.height)
             _compare_sizes(findings, file_sizes, name, os.path.join(image_root, name), annotated, header,
                            missing_example=f"id {image_id} ({name}: the file is {header.width}x{header.height})")
         elif not annotated:
             findings.add("size_missing", name, f"id {image_id} ({name})")
-    return sizes
+    return sizes, missing
 
 
 def _scan_coco_annotations(findings, annotations, by_id, sizes):
@@ -281,11 +320,14 @@ def _scan_voc_objects(findings, names, tree, xml_name, size):
     return len(tree.findall("object"))
 
 
-def _image_header(findings, stamps, name, missing_kind, missing_example):
-    """The header of image file ``name``; None if it is missing (recorded as ``missing_kind``) or
-    unreadable (as ``image_unreadable`` or ``image_truncated``)."""
+def _image_header(findings, stamps, name, missing_kind, missing_example, missing=None):
+    """The header of image file ``name``; None if it is missing (recorded as ``missing_kind``, and
+    its name appended to the list ``missing`` if given) or unreadable (as ``image_unreadable`` or
+    ``image_truncated``)."""
     if stamps.stat(name) is None:
         findings.add(missing_kind, name, missing_example)
+        if missing is not None:
+            missing.append(name)
         return None
     header = read_image_header(os.path.join(stamps.base, name))
     if header.problem:

@@ -21,7 +21,7 @@ from PIL import ImageFile
 logger = logging.getLogger(__name__)
 
 # Bump when a check changes what it finds, so that results of the older code are not reused.
-CHECK_VERSION = 1
+CHECK_VERSION = 2
 # A cache file unused this long is deleted when another is written: datasets in temporary
 # folders (tests, generated sets) would otherwise leave their files behind forever.
 _UNUSED_SECONDS = 30 * 24 * 3600

@@ -1,11 +1,12 @@
 """What the tools share, so that each tool is setup / main / launch: config building and checking
-(yacs in ``defaults``, LazyConfig in ``lazy``), argument parsers, the trainer, the launch of the
-workers (``launch``) and the hooks."""
+(yacs in ``defaults``, LazyConfig in ``lazy``, the weights a run loads in ``weights``), argument
+parsers, the trainer, the launch of the workers (``launch``) and the hooks."""
 from .defaults import (
     USER_ERRORS,
     Trainer,
     build_config,
     config_argument_parser,
+    shown_on_console,
     training_argument_parser,
     write_eval_results,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "create_ddp_model",
     "exit_on",
     "launch_workers",
+    "shown_on_console",
     "training_argument_parser",
     "worker_environment",
     "write_eval_results",

@@ -5,9 +5,11 @@ A run's config is built and its datasets checked once, in the launching process,
 worker is spawned: bad input stops there with one line (:data:`USER_ERRORS`).
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
+import sys
 
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
@@ -16,6 +18,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from ..config import add_ohem_config, validate_ohem_config
+from ..data import datasets
 from ..data.datasets import (
     DatasetError,
     add_dataset_config,
@@ -34,6 +37,7 @@ from ..data.hard_images import (
 from ..modeling.settings import OHEMConfigError
 from .hooks import HardImageFeedback, HardImageLoader, PeakMemoryHook
 from .launch import cpu_ddp
+from .weights import check_weights, from_scratch_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +63,20 @@ def add_dataset_arguments(parser):
     return parser
 
 
-def training_argument_parser(description=None):
+YACS_OVERRIDES_HELP = "config overrides, KEY VALUE pairs at the end of the command"
+
+
+def training_argument_parser(description=None, overrides_help=YACS_OVERRIDES_HELP):
     """Detectron2's ``default_argument_parser`` (config file, resume, eval-only, GPUs, machines,
-    rendezvous, overrides) plus the dataset registrations: the arguments of a training tool."""
+    rendezvous, overrides) plus the dataset registrations: the arguments of a training tool.
+    Detectron2's help of the overrides describes both config systems; ``overrides_help`` says
+    what this tool's are."""
     parser = add_dataset_arguments(default_argument_parser())
     parser.description = description
     parser.epilog = None
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    (overrides,) = [action for action in parser._actions if action.dest == "opts"]
+    overrides.help = overrides_help
     return parser
 
 
@@ -75,14 +86,14 @@ def config_argument_parser(description=None):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to the config file")
     add_dataset_arguments(parser)
-    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER,
-                        help="config overrides, KEY VALUE pairs at the end of the command")
+    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help=YACS_OVERRIDES_HELP)
     return parser
 
 
 def build_config(args, check=True):
     """The run's yacs config from ``args``, with its datasets registered and, with ``check``, the
-    datasets checked (their warnings logged once, here): the launching process checks, the
+    weights it loads and its datasets checked (the warnings, of training from scratch too, logged
+    once, here; the datasets' line shown on the console): the launching process checks, the
     training processes it spawns do not.
 
     Raises one of ``USER_ERRORS`` with a message that says what to fix.
@@ -112,10 +123,33 @@ def build_config(args, check=True):
         check_hard_image_config(cfg)
     register_datasets_from_config(cfg)
     if check:
-        for warning in check_datasets(cfg):
+        check_weights(cfg.MODEL.WEIGHTS, key="MODEL.WEIGHTS", override="MODEL.WEIGHTS {}",
+                      eval_only=getattr(args, "eval_only", False),
+                      resume_from=cfg.OUTPUT_DIR if getattr(args, "resume", False) else None)
+        with shown_on_console(datasets.logger):
+            warnings = check_datasets(cfg)
+        for warning in warnings + from_scratch_warnings(cfg):
             logger.warning(f"warning: {warning}")
     cfg.freeze()
     return cfg
+
+
+@contextlib.contextmanager
+def shown_on_console(log, level=logging.INFO):
+    """Print the records of logger ``log`` from ``level`` on to stdout (the message alone) while
+    in this context, where logging is not set up: a tool checks its config before Detectron2's
+    ``default_setup`` sets up logging, and Python would show only warnings and errors."""
+    if log.hasHandlers():
+        yield
+        return
+    handler, level_before = logging.StreamHandler(sys.stdout), log.level
+    log.addHandler(handler)
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level_before)
 
 
 class Trainer(DefaultTrainer):

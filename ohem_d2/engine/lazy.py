@@ -5,7 +5,7 @@ import logging
 import os
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, LazyConfig, instantiate
+from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -13,11 +13,14 @@ from detectron2.utils import comm
 from omegaconf import ListConfig
 
 from ..arms import UnknownArmError, apply_arm_to_lazy_model
+from ..data import datasets
+from ..data.class_checks import ClassOutputs
 from ..data.datasets import check_datasets, register_coco, register_voc, take_sizes_from_image_files
 from ..modeling.settings import check_box_predictor_for_ohem
-from .defaults import USER_ERRORS, training_argument_parser
+from .defaults import USER_ERRORS, shown_on_console, training_argument_parser
 from .hooks import PeakMemoryHook
 from .launch import create_ddp_model
+from .weights import check_weights
 
 logger = logging.getLogger("detectron2")
 LAZY_USER_ERRORS = USER_ERRORS + (UnknownArmError,)
@@ -25,7 +28,7 @@ LAZY_USER_ERRORS = USER_ERRORS + (UnknownArmError,)
 
 def lazy_argument_parser(description=None):
     """The training tool's arguments plus ``--arm`` and ``--sizes-from-images``."""
-    parser = training_argument_parser(description)
+    parser = training_argument_parser(description, "config overrides, path.key=value at the end of the command")
     parser.add_argument("--arm", help="turn the config's model into this ohem_d2 comparison arm "
                                       "(ohem_d2/arms.py: stock, fast_rcnn_heuristics, ohem, ...)")
     parser.add_argument("--sizes-from-images", action="store_true",
@@ -58,6 +61,16 @@ def _check_ohem(model_cfg):
         check_box_predictor_for_ohem(predictor.get("use_fed_loss", False))
 
 
+def class_outputs(model_cfg):
+    """The RoI heads' number of classes, where the model has RoI heads that say it; Detectron2's
+    COCO LazyConfigs set the yacs default, 80."""
+    heads = model_cfg.get("roi_heads", {})
+    if "num_classes" not in heads:
+        return []
+    return [ClassOutputs("model.roi_heads.num_classes", heads.num_classes, get_cfg().MODEL.ROI_HEADS.NUM_CLASSES,
+                         "model.roi_heads.num_classes={}")]
+
+
 def build_lazy_config(args, check=True):
     """The run's LazyConfig from ``args``, with its datasets registered and, with ``check``,
     everything validated. Raises one of ``LAZY_USER_ERRORS`` with a message that says what to fix."""
@@ -76,10 +89,16 @@ def build_lazy_config(args, check=True):
             take_sizes_from_image_files(name, args.sizes_from_images)
     if check:
         _check_ohem(cfg.model)
+        # Its evaluation loads train.init_checkpoint (no --resume); training resumes like train_net.
+        check_weights(cfg.train.init_checkpoint, key="train.init_checkpoint", override="train.init_checkpoint={}",
+                      eval_only=args.eval_only,
+                      resume_from=cfg.train.output_dir if args.resume and not args.eval_only else None)
         view = CfgNode({"DATASETS": {"TRAIN": train, "TEST": test, "SIZES_FROM_IMAGES": args.sizes_from_images},
                         "DATALOADER": {"FILTER_EMPTY_ANNOTATIONS":
                                        cfg.dataloader.train.dataset.get("filter_empty", True) if train else True}})
-        for warning in check_datasets(view):
+        with shown_on_console(datasets.logger):
+            warnings = check_datasets(view, class_outputs(cfg.model))
+        for warning in warnings:
             logger.warning(warning)
     return cfg
 

@@ -8,10 +8,13 @@ the RoIs Detectron2's stock sampler draws (``ROIHeads.label_and_sample_proposals
 matcher, BATCH_SIZE_PER_IMAGE and POSITIVE_FRACTION), on the right the RoIs OHEM mines
 (:meth:`OHEMMixin.mine`), thicker for harder. GT boxes in white, foreground RoIs in green,
 background RoIs in red (orange where their IoU with every GT is below Fast R-CNN's bg_lo 0.1: RoIs
-the heuristic sampler would never show); a legend under the panels says so. Small images are
-scaled up (nearest) to a short side of 512 px, or 64 boxes on a 128 px image could not be told
-apart. OUTPUT/mining.json holds every sampled and mined box (in the network input's pixels) with
-its label and IoU, the mined ones with their hardness, and where each panel lies in the PNG. A
+the heuristic sampler would never show); a legend under the panels says so. Each panel draws at
+most ``MAX_ROIS`` RoIs (0: all): the hardest mined ones, and as many of the sampled ones, in the
+sampler's shares of foreground and background; its title gives the totals. At Detectron2's 512
+RoIs per image the boxes would cover the whole picture. Small images are scaled up (nearest) to a
+short side of 512 px, or 64 boxes on a 128 px image could not be told apart. OUTPUT/mining.json
+holds every sampled and mined box (in the network input's pixels) with its label, its IoU and
+whether it is drawn, the mined ones with their hardness, and where each panel lies in the PNG. A
 config with a stock head is mined with its OHEM counterpart (the checkpoint loads into either).
 For a cascade it draws what stage 0 samples and mines from the proposals.
 """
@@ -45,6 +48,7 @@ LEGEND = [
 HARDNESS_NOTE = "OHEM: thicker = harder"
 BACKDROP = (40, 40, 40)  # BGR, behind titles and legend: white text and the white GT swatch show on it
 MIN_SHORT_SIDE = 512  # px of a drawn panel's short side, at least
+MAX_ROIS = 32  # RoIs drawn per panel by default: enough to see what each side picks, few enough to see the image
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 SEED = 0  # of the stock sampler's random draw: the same command draws the same picture
 
@@ -88,6 +92,22 @@ def kinds(rois, num_classes):
     """The COLOURS key of each RoI: foreground, background, or background below bg_lo."""
     return ["fg" if c < num_classes else "bg_below_bg_lo" if u < BG_LO else "bg"
             for c, u in zip(rois.gt_classes.tolist(), rois.iou.tolist())]
+
+
+def shown(box_kinds, max_rois, hardness=None):
+    """The indices of the RoIs a panel draws, at most ``max_rois`` of them (0: all): the hardest
+    (by ``hardness``), or, of the stock sampler's draw (its foreground then its background RoIs,
+    each in random order), as many of the first foreground and background ones as keeps their
+    shares."""
+    total = len(box_kinds)
+    if not max_rois or total <= max_rois:
+        return list(range(total))
+    if hardness is not None:
+        return sorted(hardness.argsort(descending=True)[:max_rois].tolist())
+    fg = [i for i, kind in enumerate(box_kinds) if kind == "fg"]
+    bg = [i for i, kind in enumerate(box_kinds) if kind != "fg"]
+    fg_drawn = round(max_rois * len(fg) / total)
+    return sorted(fg[:fg_drawn] + bg[: max_rois - fg_drawn])
 
 
 def upscaled(data, input_format):
@@ -176,23 +196,30 @@ def legend(width, unit, text_height):
     return strip
 
 
-def title(name, noun, rois, num_classes):
-    """A panel's title, e.g. "Detectron2 sampler: 64 RoIs, 25% fg"."""
+def title(name, noun, rois, num_classes, drawn=None):
+    """A panel's title, e.g. "Detectron2 sampler: 512 RoIs, 25% fg (32 drawn)"; ``drawn`` (a
+    phrase) where the panel draws fewer than all."""
     fg = (rois.gt_classes < num_classes).float().mean().item() if len(rois) else 0.0
-    return f"{name}: {len(rois)} {noun}, {fg:.0%} fg"
+    return f"{name}: {len(rois)} {noun}, {fg:.0%} fg" + (f" ({drawn} drawn)" if drawn else "")
 
 
-def side_by_side(data, sampled, mined, num_classes, input_format):
+def side_by_side(data, sampled, mined, num_classes, input_format, max_rois=MAX_ROIS):
     """The picture: titled stock and OHEM panels over a legend, and the layout,
     {"scale", "panels": {"stock": [x0, y0, x1, y1], "ohem": [...]}, "legend": [...]} in PNG pixels,
-    so that a box of mining.json lies at a panel's (x0, y0) + scale * box."""
+    so that a box of mining.json lies at a panel's (x0, y0) + scale * box, and "drawn":
+    {"sampled": [...], "mined": [...]}, the indices of the RoIs drawn (``shown``, ``max_rois``)."""
     image, scale = upscaled(data, input_format)
     gt_boxes = data["instances"].gt_boxes
+    drawn = {"sampled": shown(kinds(sampled, num_classes), max_rois),
+             "mined": shown(kinds(mined, num_classes), max_rois, mined.hardness)}
+    stock, ohem = sampled[drawn["sampled"]], mined[drawn["mined"]]
     panels = {
-        "stock": (title("Detectron2 sampler", "RoIs", sampled, num_classes),
-                  draw_boxes(image, scale, gt_boxes, sampled, kinds(sampled, num_classes))),
-        "ohem": (title("OHEM", "mined", mined, num_classes),
-                 draw_boxes(image, scale, gt_boxes, mined, kinds(mined, num_classes), mined.hardness)),
+        "stock": (title("Detectron2 sampler", "RoIs", sampled, num_classes,
+                        len(stock) if len(stock) < len(sampled) else None),
+                  draw_boxes(image, scale, gt_boxes, stock, kinds(stock, num_classes))),
+        "ohem": (title("OHEM", "mined", mined, num_classes,
+                       f"hardest {len(ohem)}" if len(ohem) < len(mined) else None),
+                 draw_boxes(image, scale, gt_boxes, ohem, kinds(ohem, num_classes), ohem.hardness)),
     }
     height, width = image.shape[:2]
     unit = line_unit(image)
@@ -208,6 +235,7 @@ def side_by_side(data, sampled, mined, num_classes, input_format):
         "panels": {"stock": [0, y0, width, y0 + height],
                    "ohem": [width + gap.shape[1], y0, 2 * width + gap.shape[1], y0 + height]},
         "legend": [0, top.shape[0], top.shape[1], picture.shape[0]],
+        "drawn": drawn,
     }
     return picture, layout
 
@@ -254,9 +282,9 @@ def mining_model(cfg, weights=None, dataset=None, device=None):
     return cfg, model.train(), dataset
 
 
-def write_pictures(cfg, model, dataset, output_dir, num_images):
-    """OUTPUT_DIR/<image id>.png for the first ``num_images`` images of ``dataset``, and
-    OUTPUT_DIR/mining.json; returns the PNG paths."""
+def write_pictures(cfg, model, dataset, output_dir, num_images, max_rois=MAX_ROIS):
+    """OUTPUT_DIR/<image id>.png for the first ``num_images`` images of ``dataset``, each panel
+    with at most ``max_rois`` RoIs (0: all), and OUTPUT_DIR/mining.json; returns the PNG paths."""
     num_classes = model.roi_heads.num_classes
     mapper = DatasetMapper(cfg, is_train=True)
     os.makedirs(output_dir, exist_ok=True)
@@ -266,7 +294,7 @@ def write_pictures(cfg, model, dataset, output_dir, num_images):
         for record in DatasetCatalog.get(dataset)[:num_images]:
             data = mapper(record)
             sampled, mined = (rois.to("cpu") for rois in sample_and_mine(model, data))
-            picture, layout = side_by_side(data, sampled, mined, num_classes, cfg.INPUT.FORMAT)
+            picture, layout = side_by_side(data, sampled, mined, num_classes, cfg.INPUT.FORMAT, max_rois)
             name = f"{record.get('image_id', len(summary))}.png"
             paths.append(os.path.join(output_dir, name))
             cv2.imwrite(paths[-1], picture, [cv2.IMWRITE_PNG_COMPRESSION, 9])  # a quarter of the default's size
@@ -283,14 +311,15 @@ def write_pictures(cfg, model, dataset, output_dir, num_images):
     return paths
 
 
-def write_mining_pictures(config, weights, output_dir, num_images=3, *, dataset=None, device="cpu"):
+def write_mining_pictures(config, weights, output_dir, num_images=3, *, dataset=None, device="cpu",
+                          max_rois=MAX_ROIS):
     """Side-by-side pictures of the first ``num_images`` images of ``dataset`` (default
     DATASETS.TRAIN[0]) for a finished run, e.g. ``config`` its config.yaml (a path: its datasets are
     registered from DATASETS.REGISTER_*; or a CfgNode whose datasets are registered) and ``weights``
-    its model_final.pth. Runs on ``device``, the CPU by default: the pictures need no GPU. Returns
-    the PNG paths."""
+    its model_final.pth, at most ``max_rois`` RoIs per panel (0: all). Runs on ``device``, the CPU by
+    default: the pictures need no GPU. Returns the PNG paths."""
     if not isinstance(config, CfgNode):
         config = build_config(config_argument_parser().parse_args(["--config-file", str(config)]), check=False)
-    return write_pictures(*mining_model(config, weights, dataset, device), output_dir, num_images)
+    return write_pictures(*mining_model(config, weights, dataset, device), output_dir, num_images, max_rois)
 
 

@@ -41,6 +41,11 @@ DIAGNOSTICS = OrderedDict(
     ]
 )
 WARMUP_ITERS_IGNORED = 5  # first iterations' times include start-up costs
+# Detectron2's trainers write metrics.json every 20 iterations and at the last (PeriodicWriter of
+# DefaultTrainer; a LazyConfig's train.log_period, 20 in its common config), so a short run has
+# few points per curve. A picture with fewer than FEW_POINTS says so, and each point is marked.
+WRITER_PERIOD = 20
+FEW_POINTS = 5
 
 
 def read_metrics(path):
@@ -223,11 +228,17 @@ def summarize_arm(runs):
     scalars[FP_KEY] = [r["lookalikes"].get("per_image") for r in seeds]
     diagnostics = sorted(set(DIAGNOSTICS) | {k for r in seeds for k in r["diagnostics"]})
     scalars.update({k: [_tail_mean(r["diagnostics"].get(k)) for r in seeds] for k in diagnostics})
-    classes = sorted({c for r in seeds for c in r["per_class_ap"]})
+    classes = _class_order(r["per_class_ap"] for r in seeds)
     scalars.update({f"AP-{c}": [r["per_class_ap"].get(c) for r in seeds] for c in classes})
     for key, values in scalars.items():
         out["mean"][key], out["std"][key] = mean_std(values)
     return out
+
+
+def _class_order(per_class):
+    """The classes of the dicts ``per_class`` in their order, the dataset's (COCOEvaluator writes
+    AP-<class> in the order of thing_classes), each once."""
+    return list(dict.fromkeys(c for classes in per_class for c in classes))
 
 
 def _fmt(mean, std=None, digits=1, n=1):
@@ -311,7 +322,7 @@ def _per_class_table(results):
     """Per-class AP of the reference arm and the other arms' difference to it (means over seeds)."""
     arms, reference = results["arms"], results["reference"]
     others = [n for n in arms if n != reference]
-    classes = sorted({k[3:] for a in arms.values() for k in a["mean"] if k.startswith("AP-")})
+    classes = _class_order([k[3:] for k in a["mean"] if k.startswith("AP-")] for a in arms.values())
     if not classes or not others:
         return []
     lines = [f"Per-class AP: {reference}, and the other arms' difference to it.", "",
@@ -369,12 +380,14 @@ def plot(results, runs, out_dir):
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
+    points = []
     for arm, seeds in runs.items():
         its, values = _mean_curve([r["loss"] for r in seeds.values()])
-        ax.plot(its, values, label=arm)
+        ax.plot(its, values, marker="o", markersize=5, label=arm)
+        points.append(len(its))
     ax.set(xlabel="iteration", ylabel="total training loss", title="Training loss (mean over seeds)")
     ax.legend()
-    paths.append(_save(fig, out_dir, "loss.png"))
+    paths.append(_save(fig, out_dir, "loss.png", _few_points_note(points)))
 
     paired = _paired_plot(results, plt)
     if paired:
@@ -386,20 +399,33 @@ def plot(results, runs, out_dir):
                 "ohem/loss_mined_mean"]
         fig, axes = plt.subplots(2, 2, figsize=(10, 7))
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        points = []
         for ax, key in zip(axes.flat, keys):
             for i, (arm, scope, seeds) in enumerate(mining):
                 colour = colours[i % len(colours)]
                 its, values = _mean_curve([r["diagnostics"].get(scope + key, []) for r in seeds.values()])
-                ax.plot(its, values, label=scope_label(arm, scope), color=colour)
+                ax.plot(its, values, marker="o", markersize=5, label=scope_label(arm, scope), color=colour)
+                points.append(len(its))
                 if key == "ohem/loss_mined_mean":  # against the mean over all candidates, dashed
                     all_rois = scope + "ohem/loss_all_mean"
                     its, values = _mean_curve([r["diagnostics"].get(all_rois, []) for r in seeds.values()])
-                    ax.plot(its, values, linestyle="--", color=colour)
+                    ax.plot(its, values, linestyle="--", marker="o", markersize=5, markerfacecolor="none",
+                            color=colour)
             ax.set(xlabel="iteration", title=DIAGNOSTICS[key] + (" (dashed: all RoIs)" if key.endswith("mined_mean") else ""))
         axes.flat[0].legend()
         fig.suptitle("What the miner picks, over training")
-        paths.append(_save(fig, out_dir, "mining.png"))
+        paths.append(_save(fig, out_dir, "mining.png", _few_points_note(points)))
     return paths
+
+
+def _few_points_note(points):
+    """Why the curves are short, where one has fewer than FEW_POINTS logged points (``points``:
+    the count of each curve); else None."""
+    fewest = min(points, default=FEW_POINTS)
+    if fewest >= FEW_POINTS:
+        return None
+    return (f"Only {fewest} logged point{'s' if fewest != 1 else ''} per curve: Detectron2 writes metrics.json\n"
+            f"every {WRITER_PERIOD} iterations and at the last; a longer run draws a curve.")
 
 
 def _paired_plot(results, plt):
@@ -453,9 +479,14 @@ def _draw_differences(ax, points, colour, label, digits):
                     fontsize=7, va="center")
 
 
-def _save(fig, out_dir, name):
+def _save(fig, out_dir, name, note=None):
+    """``fig`` as ``out_dir/name``, with ``note`` (lines of text) under its plots if given."""
     path = os.path.join(out_dir, name)
-    fig.tight_layout()
+    bottom = 0.0
+    if note:
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=9, color="dimgray")
+        bottom = (note.count("\n") + 1) * 9 * 1.5 / 72 / fig.get_figheight()  # its lines' height, 9 pt text
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
 
