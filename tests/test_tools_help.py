@@ -21,7 +21,9 @@ FLAGS = {
                      "--threads", "--images", "--annotations", "--seed", "--out"},
     "run_experiment.py": {"--config-file", "--arms", "--reference", "--fp-score-threshold", "--seeds", "--output",
                           "--num-gpus", "--parallel", "--register-coco", "--register-voc", "--synthetic",
-                          "--data-root", "--report-only"},
+                          "--data-root", "--report-only", "--launcher", "--status", "--partition", "--account",
+                          "--qos", "--time", "--nodes", "--gpus-per-node", "--cpus-per-task", "--mem", "--constraint",
+                          "--comment", "--max-in-flight", "--checkpoint-period"},
 }
 
 
@@ -51,11 +53,7 @@ def test_help_lists_only_the_flags_the_tool_honours_and_describes_that_tool_alon
     assert "Run on single machine" not in stdout  # the epilog of Detectron2's train_net
 
 
-@pytest.mark.parametrize("tool", [
-    pytest.param(tool, marks=pytest.mark.xfail(strict=True, reason="its docstring is not raw: the fix belongs to "
-                                                                     "tools/run_experiment.py, changed elsewhere"))
-    if tool == "run_experiment.py" else tool
-    for tool in sorted(FLAGS)])
+@pytest.mark.parametrize("tool", sorted(FLAGS))
 def test_an_example_continued_with_a_backslash_stays_two_lines(helps, tool):
     description = helps[tool][0].split("options:")[0]
     assert not re.search(r"\S {3,}--", description), description

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Baseline versus OHEM: train every arm the same way, evaluate, print and plot the comparison.
+r"""Baseline versus OHEM: train every arm the same way, evaluate, print and plot the comparison.
 
 Each arm is the base config with only its RoI-choosing keys changed (ohem_d2/arms.py), trained
 with the same seeds, data order, schedule and RoI budget (a .py LazyConfig base takes overrides
