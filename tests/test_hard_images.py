@@ -113,7 +113,8 @@ def test_a_run_with_two_loader_workers_trains_and_resumes_its_sampler_state(synt
               synthetic.train_images, *TINY, "DATASETS.TRAIN", "('t_hard',)", "DATASETS.TEST", "()",
               "DATALOADER.SAMPLER_TRAIN", "HardImageTrainingSampler", "DATALOADER.NUM_WORKERS", 2,
               "SOLVER.IMS_PER_BATCH", 2, "SOLVER.WARMUP_ITERS", 0,
-              "SOLVER.BASE_LR", 0.001, "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN", "OUTPUT_DIR", out]
+              "SOLVER.BASE_LR", 0.001, "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN",
+              "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.BACKBONE.FREEZE_AT", 0, "OUTPUT_DIR", out]
     first = train_net(*common, "SOLVER.MAX_ITER", 2)
     assert first.returncode == 0, first.stderr[-3000:]
     state = torch.load(out / "model_final.pth", weights_only=False)["trainer"]["hooks"]["HardImageFeedback"]
@@ -132,6 +133,6 @@ def test_bad_hard_image_settings_are_one_line(synthetic, tmp_path):
     done = train_net("--config-file", CONFIGS / FPN_OHEM, "--register-coco", "t_hard_bad", synthetic.train_json,
                      synthetic.train_images, *TINY, "DATASETS.TRAIN", "('t_hard_bad',)", "DATASETS.TEST", "()",
                      "DATALOADER.SAMPLER_TRAIN", "HardImageTrainingSampler", "DATALOADER.HARD_IMAGES.FLOOR", 1.5,
-                     "OUTPUT_DIR", tmp_path)
+                     "MODEL.ROI_HEADS.NUM_CLASSES", 3, "OUTPUT_DIR", tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "error: DATALOADER.HARD_IMAGES.FLOOR = 1.5 is invalid: expected a fraction in [0, 1]" in done.stderr
