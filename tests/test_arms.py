@@ -102,3 +102,17 @@ def test_ohem_rpn_arm_on_a_lazy_model():
     assert "ohem" not in stock.proposal_generator and stock.proposal_generator._target_ is not OHEMRPN
     with pytest.raises(UnknownArmError, match="^arm 'retinanet_ce' is a RetinaNet arm"):
         apply_arm_to_lazy_model(model, "retinanet_ce")
+
+
+def test_the_runner_gives_each_arm_the_base_configs_meta_architecture_and_rpn():
+    from ohem_d2.experiments.config_kinds import YACS
+
+    retinanet = load_cfg("Synthetic-Detection/retinanet_R_18_FPN_scratch.yaml", tiny=False)
+    assert YACS.arm_args("retinanet_ssd", retinanet) == ([], [
+        "MODEL.META_ARCHITECTURE", "OHEMRetinaNet", "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "0.0",
+        "MODEL.RETINANET.FOCAL_LOSS_ALPHA", "-1.0", "MODEL.OHEM.ANCHOR_SELECTION", "hard_negative_ratio",
+        "MODEL.OHEM.NEG_POS_RATIO", "3.0"])
+    with pytest.raises(UnknownArmError, match="one comparison mixes arms of one meta-architecture"):
+        YACS.arm_args("stock", retinanet)
+    both = load_cfg("COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem_rpn.yaml", tiny=False)
+    assert YACS.arm_args("stock", both)[1][-2:] == ["MODEL.PROPOSAL_GENERATOR.NAME", "RPN"]
