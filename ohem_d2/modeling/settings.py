@@ -18,7 +18,6 @@ LOSSES = ("cls_box", "cls")
 READONLY_DTYPES = ("float32", "bfloat16", "float16")
 
 
-
 class OHEMConfigError(ValueError):
     """A ``MODEL.OHEM.*`` (or related) config value that OHEM cannot run with."""
 
