@@ -1,7 +1,7 @@
 """Online Hard Example Mining (Shrivastava, Gupta, Girshick, CVPR 2016) for Detectron2.
 
-``import ohem_d2`` registers the OHEM ROI heads (:mod:`ohem_d2.modeling`) and the peers'
-(:mod:`ohem_d2.baselines`); ``add_ohem_config(cfg)`` adds ``MODEL.OHEM``. Selection strategies
+``import ohem_d2`` registers the OHEM ROI heads, ``OHEMRetinaNet`` and ``OHEMRPN``
+(:mod:`ohem_d2.modeling`) and the peers' (:mod:`ohem_d2.baselines`); ``add_ohem_config(cfg)`` adds ``MODEL.OHEM``. Selection strategies
 and hardness definitions are registered by name in ``OHEM_SELECTION_REGISTRY`` and
 ``OHEM_HARDNESS_REGISTRY`` (docs/STRATEGIES.md). The packages and what each may import:
 docs/ARCHITECTURE.md.
@@ -44,6 +44,8 @@ from .modeling import (  # noqa: E402
     OHEMMixin,
     OHEMRes5ROIHeads,
     OHEMROIHeads,
+    OHEMRPN,
+    OHEMRetinaNet,
     OHEMSettings,
     SelectionInputs,
 )
@@ -58,6 +60,8 @@ __all__ = [
     "OHEMROIHeads",
     "OHEMRes5ROIHeads",
     "OHEMCascadeROIHeads",
+    "OHEMRetinaNet",
+    "OHEMRPN",
     "FastRCNNHeuristicsCascadeROIHeads",
     "FocalLossOutputLayers",
     "FocalLossROIHeads",

@@ -9,6 +9,13 @@ Besides the paper's OHEM and its variants, the peers that answer the same questi
 ``mmdet_ohem`` (mmdetection's OHEMSampler, in OHEM's own settings), ``iou_balanced`` (Libra
 R-CNN's sampler, :mod:`ohem_d2.baselines.iou_balanced`) and ``focal`` (the stock sampler with a focal
 classification loss, :mod:`ohem_d2.baselines.focal_loss`; the loss is what it changes, through the head).
+
+Anchor-level mining (:mod:`ohem_d2.modeling.anchor_mining`) has arms too: ``ohem_rpn`` (OHEM in the
+RPN and the RoI head) among the Faster R-CNN arms, and the RetinaNet arms, which change the
+anchor loss of a RetinaNet base config (``MODEL.META_ARCHITECTURE`` RetinaNet or OHEMRetinaNet)
+and only that: ``retinanet_focal`` (stock), ``retinanet_ce`` (plain cross-entropy on every anchor,
+the imbalance baseline), ``retinanet_ohem`` and ``retinanet_ssd``. One comparison mixes arms of
+one meta-architecture: its arms share the base config.
 """
 from collections import OrderedDict
 
@@ -32,12 +39,23 @@ HEADS_BY_KIND = {
     "focal": STOCK_TO_FOCAL_HEAD,
 }
 
+# Head kind of a RetinaNet arm -> the arm's MODEL.META_ARCHITECTURE; a base config of either is a
+# RetinaNet base.
+RETINANET_BY_KIND = {"retinanet": "RetinaNet", "ohem_retinanet": "OHEMRetinaNet"}
+# The arms that mine the RPN's anchors -> their proposal generator; the other arms train Detectron2's RPN.
+RPN_BY_ARM = {"ohem_rpn": "OHEMRPN"}
+RPNS = ("RPN", "OHEMRPN")
+
 # How RoIs are labelled: Detectron2's default (no bg_lo) and Fast R-CNN's (bg_lo = 0.1).
 _NO_BG_LO = ["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.5], "MODEL.ROI_HEADS.IOU_LABELS", [0, 1]]
 _BG_LO = ["MODEL.ROI_HEADS.IOU_THRESHOLDS", [0.1, 0.5], "MODEL.ROI_HEADS.IOU_LABELS", [-1, 0, 1]]
 _QUARTER_FG = ["MODEL.ROI_HEADS.POSITIVE_FRACTION", 0.25]
 # Images drawn by how hard the model finds them (ohem_d2.data.hard_images); yacs configs only.
 _HARD_IMAGES = ["DATALOADER.SAMPLER_TRAIN", "HardImageTrainingSampler"]
+# RetinaNet's anchor loss: Detectron2's focal loss as published, and at gamma 0, alpha -1, which is
+# plain sigmoid cross-entropy.
+_FOCAL = ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", 2.0, "MODEL.RETINANET.FOCAL_LOSS_ALPHA", 0.25]
+_PLAIN_CE = ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", 0.0, "MODEL.RETINANET.FOCAL_LOSS_ALPHA", -1.0]
 
 # name -> (description, head kind: a key of HEADS_BY_KIND, overrides)
 ARMS = OrderedDict(
@@ -76,6 +94,17 @@ ARMS = OrderedDict(
                          "stock", _NO_BG_LO + _QUARTER_FG + _HARD_IMAGES)),
         ("ohem_hard_images", ("OHEM as in the paper; images drawn by their recent loss", "ohem",
                               _NO_BG_LO + _HARD_IMAGES)),
+        ("ohem_rpn", ("OHEM in the RPN (B/N hardest anchors per image, NMS on loss) and in the RoI head", "ohem",
+                      _NO_BG_LO)),
+        ("retinanet_focal", ("RetinaNet as published: focal loss (gamma 2, alpha 0.25) on every anchor", "retinanet",
+                             _FOCAL)),
+        ("retinanet_ce", ("RetinaNet with plain sigmoid cross-entropy on every anchor, no mining", "retinanet",
+                          _PLAIN_CE)),
+        ("retinanet_ohem", ("RetinaNet, plain cross-entropy on the B/N hardest anchors per image after NMS on loss",
+                            "ohem_retinanet", _PLAIN_CE + ["MODEL.OHEM.ANCHOR_SELECTION", "per_image"])),
+        ("retinanet_ssd", ("RetinaNet, plain cross-entropy on every positive and the 3:1 hardest negatives (SSD)",
+                           "ohem_retinanet", _PLAIN_CE + ["MODEL.OHEM.ANCHOR_SELECTION", "hard_negative_ratio",
+                                                          "MODEL.OHEM.NEG_POS_RATIO", 3.0])),
     ]
 )
 DEFAULT_ARMS = ("stock", "fast_rcnn_heuristics", "ohem")
@@ -85,25 +114,43 @@ class UnknownArmError(ValueError):
     pass
 
 
-def arm_overrides(arm, base_head):
+def arm_overrides(arm, base_head, meta_architecture="GeneralizedRCNN", proposal_generator="RPN"):
     """Config overrides (a flat KEY, VALUE list) that turn a base config into ``arm``.
 
     ``base_head`` is the base config's MODEL.ROI_HEADS.NAME, stock or OHEM: the arm keeps its
-    family (FPN, C4, cascade) and sets the stock or OHEM member.
+    family (FPN, C4, cascade) and sets the stock or OHEM member. ``meta_architecture`` and
+    ``proposal_generator`` are the base's MODEL.META_ARCHITECTURE and MODEL.PROPOSAL_GENERATOR.NAME:
+    a RetinaNet base takes the RetinaNet arms only, any other base the others only; the arm sets
+    the RPN (stock or OHEMRPN) where it differs from the base's.
     """
     if arm not in ARMS:
         raise UnknownArmError(f"unknown arm {arm!r}; known arms: {', '.join(ARMS)}")
+    _, kind, overrides = ARMS[arm]
+    base_is_retinanet = meta_architecture in RETINANET_BY_KIND.values()
+    if (kind in RETINANET_BY_KIND) != base_is_retinanet:
+        family = [a for a, (_, k, _) in ARMS.items() if (k in RETINANET_BY_KIND) == base_is_retinanet]
+        raise UnknownArmError(
+            f"arm {arm!r} does not apply to MODEL.META_ARCHITECTURE {meta_architecture!r}: one comparison mixes "
+            f"arms of one meta-architecture, and this base config's are {', '.join(family)}")
+    if base_is_retinanet:
+        return ["MODEL.META_ARCHITECTURE", RETINANET_BY_KIND[kind]] + overrides
     stock_head = OHEM_TO_STOCK_HEAD.get(base_head, base_head)
     if stock_head not in STOCK_TO_OHEM_HEAD:
         raise UnknownArmError(
             f"MODEL.ROI_HEADS.NAME {base_head!r} has no OHEM counterpart; the base config must use one of "
             f"{', '.join(STOCK_TO_OHEM_HEAD)} (or their OHEM heads)"
         )
-    _, kind, overrides = ARMS[arm]
     heads = HEADS_BY_KIND[kind]
     if stock_head not in heads:
         raise UnknownArmError(f"arm {arm!r} has no head for the {stock_head} family; it runs on "
                               f"{', '.join(heads)} (or their OHEM heads)")
+    rpn = RPN_BY_ARM.get(arm, "RPN")
+    if rpn != proposal_generator and (arm in RPN_BY_ARM or proposal_generator in RPN_BY_ARM.values()):
+        if proposal_generator not in RPNS:
+            raise UnknownArmError(f"arm {arm!r} mines the RPN's anchors; the base config's "
+                                  f"MODEL.PROPOSAL_GENERATOR.NAME must be one of {', '.join(RPNS)}, "
+                                  f"not {proposal_generator!r}")
+        overrides = overrides + ["MODEL.PROPOSAL_GENERATOR.NAME", rpn]
     return ["MODEL.ROI_HEADS.NAME", heads[stock_head]] + overrides
 
 
@@ -134,25 +181,35 @@ def apply_arm_to_lazy_model(model, arm):
     into ``arm``, in place, with the very overrides :func:`arm_overrides` gives a yacs config:
     the RoI head class, its matcher's thresholds and labels, its positive fraction, and the
     ``ohem`` settings (an OHEMSettings node, added for an OHEM arm and removed for the others);
-    the ``focal`` arm's box predictor becomes a FocalLossOutputLayers (its default gamma).
-    Returns ``model``."""
+    the ``focal`` arm's box predictor becomes a FocalLossOutputLayers (its default gamma); the
+    ``ohem_rpn`` arm's proposal generator becomes an OHEMRPN with the same ``ohem`` settings.
+    RetinaNet arms run from yacs configs. Returns ``model``."""
     from detectron2.config import LazyCall
 
+    from detectron2.modeling.proposal_generator import RPN
+
+    from .modeling.rpn import OHEMRPN
     from .modeling.settings import OHEMSettings
     from .baselines.focal_loss import FocalLossOutputLayers
 
+    if arm in ARMS and ARMS[arm][1] in RETINANET_BY_KIND:
+        raise UnknownArmError(f"arm {arm!r} is a RetinaNet arm: LazyConfig arms support GeneralizedRCNN models; "
+                              "run the RetinaNet arms from a yacs config (configs/*/retinanet_*.yaml)")
     heads = model.roi_heads
     target = heads._target_
     name = target.rsplit(".", 1)[-1] if isinstance(target, str) else target.__name__
     if "proposal_matcher" not in heads:
         raise UnknownArmError(f"model.roi_heads {name!r} has no proposal_matcher (a cascade?): LazyConfig arms "
                               "support the FPN and C4 heads (StandardROIHeads, Res5ROIHeads and their OHEM heads)")
-    overrides = arm_overrides(arm, name)
+    rpn_target = model.proposal_generator._target_
+    rpn_name = rpn_target.rsplit(".", 1)[-1] if isinstance(rpn_target, str) else rpn_target.__name__
+    overrides = arm_overrides(arm, name, proposal_generator=rpn_name)
     pairs = dict(zip(overrides[::2], overrides[1::2]))
     sampler_keys = [key for key in pairs if key.startswith("DATALOADER.")]
     if sampler_keys:
         raise UnknownArmError(f"arm {arm!r} changes the training sampler ({sampler_keys[0]}), which the "
                               "LazyConfig tool does not build; run it from a yacs (.yaml) config")
+    rpn = pairs.pop("MODEL.PROPOSAL_GENERATOR.NAME", None)
     heads._target_ = _head_classes()[pairs.pop("MODEL.ROI_HEADS.NAME")]
     if "ohem" in heads:
         del heads["ohem"]
@@ -169,4 +226,10 @@ def apply_arm_to_lazy_model(model, arm):
             for part in parents:
                 node = node[part]
             node[leaf] = value
+    if rpn == "OHEMRPN":
+        model.proposal_generator._target_ = OHEMRPN
+        model.proposal_generator.ohem = heads.ohem
+    elif rpn == "RPN":
+        model.proposal_generator._target_ = RPN
+        del model.proposal_generator["ohem"]
     return model

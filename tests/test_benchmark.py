@@ -230,3 +230,10 @@ def test_each_arm_config_equals_what_the_benchmark_measured_before(bench, monkey
     assert len(plan.combos) == 7
     for _, prec, arm in plan.combos:
         assert bench.build_cfg(plan, head, prec, arm)[0].dump() == frozen_benchmark_cfg(plan, head, prec, arm).dump()
+
+
+def test_an_arm_of_another_meta_architecture_is_one_line(bench):
+    plan = plan_of(bench, ["--suite", "cpu", "--heads", "fpn", "--precisions", "fp32"])
+    with pytest.raises(bench.BenchmarkError, match="^arm 'retinanet_ohem' does not apply to MODEL.META_ARCHITECTURE "
+                                                   "'GeneralizedRCNN'[^\n]*the benchmark's models"):
+        bench.build_cfg(plan, "fpn", "fp32", "retinanet_ohem")

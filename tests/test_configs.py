@@ -5,12 +5,13 @@ import pytest
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from ohem_d2 import OHEMConfigError, OHEMMixin
+from ohem_d2 import OHEMConfigError, OHEMMixin, OHEMRetinaNet, OHEMRPN
 
 from conftest import CONFIGS, FPN_OHEM, load_cfg
 
 ALL_YAMLS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
-OHEM_YAMLS = [p for p in ALL_YAMLS if "/" in p and p.endswith("_ohem.yaml")]
+OHEM_YAMLS = [p for p in ALL_YAMLS if "/" in p and p.endswith("_ohem.yaml") and "retinanet" not in p]
+RETINANET_MINING_YAMLS = [p for p in ALL_YAMLS if "/retinanet_" in p and p.endswith(("_ohem.yaml", "_ssd_mining.yaml"))]
 # Keys by which the arms of one comparison may differ: the way RoIs are chosen, nothing else.
 SAMPLING_KEYS = {
     "MODEL.ROI_HEADS.NAME",
@@ -41,15 +42,25 @@ def test_the_required_configs_exist():
         assert name in OHEM_YAMLS
         for arm in ("", "_fast_rcnn_heuristics"):
             assert name.replace("_ohem", arm) in ALL_YAMLS
+    for name in ["COCO-Detection/retinanet_R_50_FPN_1x_ohem.yaml", "PascalVOC-Detection/retinanet_R_50_FPN_ohem.yaml"]:
+        for arm in ("", "_ohem", "_ssd_mining"):
+            assert name.replace("_ohem", arm) in ALL_YAMLS
+    assert "COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem_rpn.yaml" in ALL_YAMLS
+    assert "Synthetic-Detection/retinanet_R_18_FPN_scratch.yaml" in ALL_YAMLS
 
 
 @pytest.mark.parametrize("config", ALL_YAMLS)
 def test_every_yaml_loads_and_builds_a_model(config):
     cfg = load_cfg(config, tiny=False)
     model = build_model(cfg)
+    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
+        assert model.num_classes == cfg.MODEL.RETINANET.NUM_CLASSES
+        assert isinstance(model, OHEMRetinaNet) == (cfg.MODEL.META_ARCHITECTURE == "OHEMRetinaNet")
+        return
     assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
     if "OHEM" in cfg.MODEL.ROI_HEADS.NAME:
         assert isinstance(model.roi_heads, OHEMMixin)
+    assert isinstance(model.proposal_generator, OHEMRPN) == (cfg.MODEL.PROPOSAL_GENERATOR.NAME == "OHEMRPN")
 
 
 @pytest.mark.parametrize("ohem_config", OHEM_YAMLS)
@@ -69,6 +80,25 @@ def test_arms_share_everything_but_the_roi_choice(ohem_config):
     assert heuristics["MODEL.ROI_HEADS.IOU_THRESHOLDS"] == [0.1, 0.5]
     assert heuristics["MODEL.ROI_HEADS.IOU_LABELS"] == [-1, 0, 1]
     assert heuristics["MODEL.ROI_HEADS.POSITIVE_FRACTION"] == 0.25
+
+
+@pytest.mark.parametrize("mining_config", RETINANET_MINING_YAMLS)
+def test_retinanet_arms_share_everything_but_the_anchor_loss(mining_config):
+    mining = flatten(load_cfg(mining_config, tiny=False))
+    stock = flatten(load_cfg(mining_config.replace("_ohem", "").replace("_ssd_mining", ""), tiny=False))
+    differing = {k for k in mining if mining[k] != stock[k] and not k.startswith("MODEL.OHEM.")}
+    assert differing == {"MODEL.META_ARCHITECTURE", "MODEL.RETINANET.FOCAL_LOSS_GAMMA", "MODEL.RETINANET.FOCAL_LOSS_ALPHA"}
+    # Plain sigmoid cross-entropy on the mined anchors: Detectron2's focal loss at gamma 0, alpha -1.
+    assert mining["MODEL.RETINANET.FOCAL_LOSS_GAMMA"] == 0.0 and mining["MODEL.RETINANET.FOCAL_LOSS_ALPHA"] == -1.0
+    selection = "hard_negative_ratio" if mining_config.endswith("_ssd_mining.yaml") else "per_image"
+    assert mining["MODEL.OHEM.ANCHOR_SELECTION"] == selection
+
+
+def test_rpn_mining_config_changes_only_the_proposal_generator():
+    ohem = flatten(load_cfg("COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem.yaml", tiny=False))
+    both = flatten(load_cfg("COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem_rpn.yaml", tiny=False))
+    assert {k for k in both if both[k] != ohem[k] and not k.startswith("MODEL.OHEM.")} == {"MODEL.PROPOSAL_GENERATOR.NAME"}
+    assert both["MODEL.OHEM.ANCHOR_BATCH_SIZE_PER_IMAGE"] == both["MODEL.RPN.BATCH_SIZE_PER_IMAGE"]
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,17 @@ PAIRS = [
     ("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml", "COCO-Detection/faster_rcnn_R_50_C4_1x_ohem.yaml"),
     ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
      "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_ohem.yaml"),
+    ("COCO-Detection/retinanet_R_50_FPN_1x.yaml", "COCO-Detection/retinanet_R_50_FPN_1x_ohem.yaml"),
+    ("COCO-Detection/retinanet_R_50_FPN_1x.yaml", "COCO-Detection/retinanet_R_50_FPN_1x_ssd_mining.yaml"),
+    ("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", "COCO-Detection/faster_rcnn_R_50_FPN_1x_ohem_rpn.yaml"),
 ]
 
 
 def build(config, seed):
     torch.manual_seed(seed)
     # Keep every detection so that the comparison covers many outputs, not an empty list.
-    return build_model(load_cfg(config, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]))
+    return build_model(load_cfg(config, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+                                         "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0]))
 
 
 def transfer(src, dst, tmp_path):

@@ -110,3 +110,21 @@ def test_the_lsj_box_heads_sync_batch_norm_is_kept_and_scores_with_running_stati
 
     assert isinstance(heads, OHEMROIHeads)
     assert sum(isinstance(m, NaiveSyncBatchNorm) for m in heads.box_head.modules()) == 4
+
+
+@pytest.mark.parametrize("config, selection", [("common/models/retinanet_ohem.py", "per_image"),
+                                               ("common/models/retinanet_ssd_mining.py", "hard_negative_ratio")])
+def test_lazy_retinanet_mining_configs_are_detectron2s_with_only_the_anchor_loss_changed(config, selection):
+    from detectron2 import model_zoo
+
+    from ohem_d2 import OHEMRetinaNet
+
+    stock = flat(model_zoo.get_config("common/models/retinanet.py").model, "model.")
+    cfg = lazy(config)
+    mined = flat(cfg.model, "model.")
+    changed = {k for k in stock.keys() | mined.keys() if stock.get(k) != mined.get(k)}
+    assert {k for k in changed if not k.startswith("model.ohem.")} == {
+        "model._target_", "model.focal_loss_gamma", "model.focal_loss_alpha"}
+    assert mined["model.focal_loss_gamma"] == 0.0 and mined["model.focal_loss_alpha"] == -1.0
+    model = instantiate(cfg.model)
+    assert isinstance(model, OHEMRetinaNet) and model.ohem.anchor_selection == selection

@@ -56,7 +56,7 @@ IDS7 = [0, 0, 0, 1, 1, 1, 1]
 
 
 def test_registry_names():
-    assert {"per_image", "per_batch", "stratified"} <= {name for name, _ in OHEM_SELECTION_REGISTRY}
+    assert {"per_image", "per_batch", "stratified", "hard_negative_ratio"} <= {name for name, _ in OHEM_SELECTION_REGISTRY}
     assert {"loss", "probability"} <= {name for name, _ in OHEM_HARDNESS_REGISTRY}
 
 
@@ -224,6 +224,33 @@ def test_strategies_match_plain_python_loops(strategy, nms, min_fg):
     expected = python_reference(strategy, hardness.tolist(), boxes, image_ids.tolist(), is_fg.tolist(),
                                 num_images, b, nms, 0.25, min_fg)
     assert idx.tolist() == expected
+
+
+def test_hard_negative_ratio_matches_a_plain_python_loop():
+    g = torch.Generator().manual_seed(4)
+    num, num_images, ratio = 200, 4, 2.5
+    hardness = torch.rand(num, generator=g)
+    image_ids = torch.randint(0, num_images, (num,), generator=g)
+    is_fg = torch.rand(num, generator=g) < torch.tensor([0.0, 0.05, 0.2, 0.6])[image_ids]  # none to many fg
+    inp = SelectionInputs(hardness.to(device()), torch.zeros(num, 4, device=device()), image_ids.to(device()),
+                          is_fg.to(device()), num_images, 16, 0.7, neg_pos_ratio=ratio)
+    idx, _ = OHEM_SELECTION_REGISTRY.get("hard_negative_ratio")(inp)
+    expected = []
+    for i in range(num_images):
+        rois = sorted((j for j in range(num) if image_ids[j] == i), key=lambda j: -hardness[j])
+        fg = [j for j in rois if is_fg[j]]
+        negatives = [j for j in rois if not is_fg[j]][: math.floor(ratio * max(len(fg), 1))]
+        expected += [j for j in rois if j in fg or j in negatives]
+    assert idx.tolist() == expected
+
+
+def test_hard_negative_ratio_in_the_roi_head():
+    heads = fpn_heads(opts=["MODEL.OHEM.SELECTION", "hard_negative_ratio", "MODEL.OHEM.NEG_POS_RATIO", 1.0])
+    candidates = record_fg_candidates(heads)
+    mined, losses, _ = run_heads(heads, no_gt_images=(1,))
+    assert all(torch.isfinite(v) for v in losses.values())
+    # Image 0: every fg candidate and as many bg; image 1 (no GT) its one hardest bg, as if it had one fg.
+    assert [len(m) for m in mined] == [2 * candidates[0][0], 1]
 
 
 # ---------------------------------------------------------------------------------------- hardness

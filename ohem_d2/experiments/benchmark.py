@@ -42,7 +42,7 @@ from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
 from .. import model_zoo
-from ..arms import ARMS, arm_overrides
+from ..arms import ARMS, UnknownArmError, arm_overrides
 from ..config import add_ohem_config, validate_ohem_config
 from ..modeling.settings import OHEMConfigError
 
@@ -309,7 +309,11 @@ def build_cfg(plan, head, prec, arm):
     cfg = get_cfg()
     add_ohem_config(cfg)
     cfg.merge_from_file(str(path))
-    applied = arm_overrides(arm, cfg.MODEL.ROI_HEADS.NAME)
+    try:
+        applied = arm_overrides(arm, cfg.MODEL.ROI_HEADS.NAME, cfg.MODEL.META_ARCHITECTURE,
+                                cfg.MODEL.PROPOSAL_GENERATOR.NAME)
+    except UnknownArmError as e:
+        raise BenchmarkError(f"{e} (the benchmark's models: {', '.join(HEADS)})") from None
     applied += ["MODEL.DEVICE", plan.device, "SOLVER.AMP.ENABLED", p.amp_dtype is not None,
                 "DATALOADER.NUM_WORKERS", 0, *HEADS[head].overrides]
     if ARMS[arm][1] == "ohem":

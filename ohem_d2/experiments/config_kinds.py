@@ -39,7 +39,8 @@ YACS = ConfigKind(
     device_of=lambda opts: _last_value(opts, "MODEL.DEVICE"),
     run_opts=lambda seed, run_dir: ["SEED", str(seed), "OUTPUT_DIR", run_dir],
     checkpoint_opts=lambda period: ["SOLVER.CHECKPOINT_PERIOD", str(period)],
-    arm_args=lambda arm, base: ([], [str(v) for v in arm_overrides(arm, base.MODEL.ROI_HEADS.NAME)]),
+    arm_args=lambda arm, base: ([], [str(v) for v in arm_overrides(
+        arm, base.MODEL.ROI_HEADS.NAME, base.MODEL.META_ARCHITECTURE, base.MODEL.PROPOSAL_GENERATOR.NAME)]),
     schedule=lambda base: {"max_iter": base.SOLVER.MAX_ITER, "ims_per_batch": base.SOLVER.IMS_PER_BATCH,
                            "train": list(base.DATASETS.TRAIN), "test": list(base.DATASETS.TEST)},
 )

@@ -264,6 +264,7 @@ class OHEMMixin:
             batch_size_per_image=self.ohem.batch_size_per_image,
             nms_thresh=self.ohem.nms_thresh,
             fg_fraction=self.ohem.fg_fraction,
+            neg_pos_ratio=self.ohem.neg_pos_ratio,
             min_fg_fraction=self.ohem.min_fg_fraction,
             sampling_temperature=self.ohem.sampling_temperature,
         )

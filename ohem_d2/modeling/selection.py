@@ -64,6 +64,7 @@ class SelectionInputs:
     fg_fraction: float = 0.25  # MODEL.OHEM.FG_FRACTION (used by "stratified")
     min_fg_fraction: float = 0.0  # MODEL.OHEM.MIN_FG_FRACTION (0: off)
     sampling_temperature: float = 1.0  # MODEL.OHEM.SAMPLING_TEMPERATURE (used by "importance_sampling")
+    neg_pos_ratio: float = 3.0  # MODEL.OHEM.NEG_POS_RATIO (used by "hard_negative_ratio")
 
 
 def deduplicate(boxes, hardness, image_ids, nms_thresh):
@@ -256,6 +257,25 @@ def importance_sampling(inputs: SelectionInputs):
     weights = count[kept] / expected[kept] * (len(indices) / max(num_candidates, 1))
     by_image = torch.sort(inputs.image_ids[indices], stable=True)[1]
     return indices[by_image], num_candidates, weights[by_image]
+
+
+@OHEM_SELECTION_REGISTRY.register()
+def hard_negative_ratio(inputs: SelectionInputs):
+    """SSD's hard negative mining (Liu et al., 2016, Sec. 2.2): every foreground candidate of an
+    image, and its hardest background candidates up to floor(NEG_POS_RATIO * P), P its number of
+    foreground candidates (counted as 1 where it has none, so that an image without objects still
+    trains on its NEG_POS_RATIO hardest negatives).
+
+    No NMS (SSD has none: ``nms_thresh`` does not apply) and no budget B/N: the number kept follows
+    the image's positives. ``MIN_FG_FRACTION`` and ``FG_FRACTION`` do not apply.
+    """
+    order = torch.argsort(inputs.hardness, descending=True, stable=True)
+    ids, fg = inputs.image_ids[order], inputs.is_fg[order]
+    num_fg = torch.bincount(inputs.image_ids[inputs.is_fg], minlength=inputs.num_images)
+    num_bg_kept = torch.floor(inputs.neg_pos_ratio * num_fg.clamp(min=1) + 1e-6).long()
+    rank = rank_in_group(ids * 2 + fg.long(), 2 * inputs.num_images)  # rank among the image's bg (or fg)
+    keep = fg | (rank < num_bg_kept[ids])
+    return _kept_grouped_by_image(order, keep, inputs), len(order)
 
 
 def registered_strategies():

@@ -60,11 +60,23 @@ class OHEMSettings:
     # hardness ** (1 / SAMPLING_TEMPERATURE): 1.0 in proportion to hardness, larger flattens towards
     # uniform, smaller concentrates on the hardest.
     sampling_temperature: float = 1.0
+    # Anchor-level mining (OHEMRetinaNet, OHEMRPN; docs/OHEM_HEADS.md "Mining anchors"): hard
+    # anchors kept per image (B/N of the "per_image" selection; the RPN's sampler keeps 256).
+    anchor_batch_size_per_image: int = 256
+    # How the hard anchors are chosen: a name in ohem_d2.OHEM_SELECTION_REGISTRY; "per_image" is
+    # the paper's, "hard_negative_ratio" SSD's (every positive, the hardest negatives up to
+    # NEG_POS_RATIO per positive).
+    anchor_selection: str = "per_image"
+    # IoU of the NMS on loss among the candidate anchors (as NMS_THRESH for RoIs); 1.0 disables it.
+    anchor_nms_thresh: float = 0.7
+    # "hard_negative_ratio" only: negatives kept per positive (SSD: 3).
+    neg_pos_ratio: float = 3.0
 
     def __post_init__(self):
         _validate(self)
         # 1 -> 1.0, as yacs may give
-        for name in ("nms_thresh", "fg_fraction", "min_fg_fraction", "sampling_temperature"):
+        for name in ("nms_thresh", "fg_fraction", "min_fg_fraction", "sampling_temperature",
+                     "anchor_nms_thresh", "neg_pos_ratio"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
@@ -101,6 +113,10 @@ def _check(ok, key, value, expected):
 
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _is_fraction(v):
@@ -143,3 +159,15 @@ def _validate(s):
            "MODEL.OHEM.SAMPLING_TEMPERATURE", s.sampling_temperature,
            "a number > 0 (SELECTION \"importance_sampling\" draws RoIs with probability proportional to "
            "hardness ** (1 / SAMPLING_TEMPERATURE); 1.0: proportional)")
+    _check(_is_int(s.anchor_batch_size_per_image) and s.anchor_batch_size_per_image >= 1,
+           "MODEL.OHEM.ANCHOR_BATCH_SIZE_PER_IMAGE", s.anchor_batch_size_per_image,
+           "an integer >= 1 (hard anchors kept per image)")
+    _check(isinstance(s.anchor_selection, str) and s.anchor_selection in OHEM_SELECTION_REGISTRY,
+           "MODEL.OHEM.ANCHOR_SELECTION", s.anchor_selection,
+           f"one of the registered selection strategies {registered_strategies()} that return no "
+           "weights (anchor losses are Detectron2's, unweighted)")
+    _check(_is_number(s.anchor_nms_thresh) and 0.0 < s.anchor_nms_thresh <= 1.0,
+           "MODEL.OHEM.ANCHOR_NMS_THRESH", s.anchor_nms_thresh, "an IoU in (0, 1] (1.0 turns the NMS off)")
+    _check(_is_number(s.neg_pos_ratio) and 0.0 < s.neg_pos_ratio < math.inf,
+           "MODEL.OHEM.NEG_POS_RATIO", s.neg_pos_ratio,
+           "a number > 0 (negatives kept per positive anchor by \"hard_negative_ratio\"; SSD: 3)")
