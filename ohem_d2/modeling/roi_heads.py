@@ -42,7 +42,7 @@ from detectron2.modeling.roi_heads import (
 from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
 from detectron2.structures import Boxes, ImageList, Instances
 
-from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats
+from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats, records_this_iteration
 from .hardness import OHEM_HARDNESS_REGISTRY, HardnessInputs
 from .roi_loss import per_roi_losses
 from .selection import OHEM_SELECTION_REGISTRY, SelectionInputs
@@ -244,7 +244,8 @@ class OHEMMixin:
         here: two_pass through :meth:`mine`, loss_zeroing from its trainable pass.
 
         Host syncs: the strategy's NMS and boolean selections (data-dependent sizes), the
-        per-image counts below, and the diagnostics' one device-to-host copy.
+        per-image counts below, and the diagnostics' one device-to-host copy (on the iterations
+        they are recorded on, :func:`~ohem_d2.modeling.diagnostics.records_this_iteration`).
         """
         num_images = len(proposals)
         lengths = [len(p) for p in proposals]
@@ -286,7 +287,7 @@ class OHEMMixin:
         if weights is not None:  # carried by the mined RoIs to the trainable losses, as ohem_weight
             for p, w in zip(mined, weights[by_image].float().split(per_image)):
                 p.ohem_weight = w
-        if self.ohem.log_diagnostics:
+        if self.ohem.log_diagnostics and records_this_iteration():
             record_mining_stats(
                 mining_stats(hardness, is_fg, max_iou_with_gt(proposals), selected, num_images, num_after_nms)
             )
