@@ -52,7 +52,12 @@ def per_roi_classification_loss(box_predictor, scores, gt_classes):
         num_classes = scores.shape[1] - 1
         target = F.one_hot(gt_classes, num_classes + 1)[:, :num_classes].to(scores.dtype)
         loss = F.binary_cross_entropy_with_logits(scores[:, :-1], target, reduction="none").sum(dim=1)
-    return loss * box_predictor.loss_weight.get("loss_cls", 1.0)
+    return _weighted(loss, box_predictor.loss_weight.get("loss_cls", 1.0))
+
+
+def _weighted(loss, weight):
+    """``loss * weight``; a weight of 1 (the default) launches nothing: x * 1.0 is x, bit for bit."""
+    return loss if weight == 1.0 else loss * weight
 
 
 def per_roi_box_regression_loss(box_predictor, proposal_deltas, proposal_boxes, gt_boxes, gt_classes):
@@ -61,7 +66,7 @@ def per_roi_box_regression_loss(box_predictor, proposal_deltas, proposal_boxes, 
     deltas = proposal_deltas.float()
     fg = (gt_classes >= 0) & (gt_classes < num_classes)
     if deltas.shape[1] != 4:  # class-specific: the deltas of each RoI's GT class
-        cls = torch.where(fg, gt_classes, torch.zeros_like(gt_classes))
+        cls = torch.where(fg, gt_classes, 0)
         deltas = deltas.view(-1, num_classes, 4)[torch.arange(len(cls), device=cls.device), cls]
     transform = box_predictor.box2box_transform
     loss_type = box_predictor.box_reg_loss_type
@@ -74,8 +79,7 @@ def per_roi_box_regression_loss(box_predictor, proposal_deltas, proposal_boxes, 
             raise ValueError(f"OHEM: unsupported MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE {loss_type!r}")
         pred_boxes = transform.apply_deltas(deltas, proposal_boxes)
         loss = iou_losses[loss_type](pred_boxes, gt_boxes, reduction="none")
-    loss = torch.where(fg, loss, torch.zeros_like(loss))
-    return loss * box_predictor.loss_weight.get("loss_box_reg", 1.0)
+    return _weighted(torch.where(fg, loss, 0.0), box_predictor.loss_weight.get("loss_box_reg", 1.0))
 
 
 def per_roi_losses(box_predictor, predictions, proposals):
