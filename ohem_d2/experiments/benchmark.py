@@ -185,6 +185,8 @@ def argument_parser(description=None):
                         help="COCO instances JSON of --images (default: "
                              "IMAGES/../annotations/instances_<folder name>.json; with --heads mask, "
                              "instances_<folder name>_segm.json)")
+    parser.add_argument("--image-size", default="320x480",
+                        help="HxW of the synthetic images of --suite ops (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
     parser.add_argument("--out", help="folder to write benchmark.md and benchmark.json to")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",

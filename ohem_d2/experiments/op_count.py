@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -143,10 +144,14 @@ def synthetic_batch(num_images=2, height=320, width=480, num_gt=4, seed=0):
     return batch
 
 
-def count_step(head, arm, overrides=(), batch=None, seed=0):
+def count_step(head, arm, overrides=(), batch=None, seed=0, device="cpu"):
     """Counts of the second training step (forward, backward, optimizer) of ``arm`` on ``head``
-    (a key of benchmark.HEADS), slim R-50 with ``overrides`` after :data:`SLIM_R50`."""
-    plan = SimpleNamespace(device="cpu", overrides=SLIM_R50 + list(overrides))
+    (a key of benchmark.HEADS), slim R-50 with ``overrides`` after :data:`SLIM_R50`.
+
+    On CUDA it also counts the syncs the device reports (``torch.cuda.set_sync_debug_mode("warn")``
+    during the step): ``cuda_syncs``, beside the dispatch-level count of ``syncs``.
+    """
+    plan = SimpleNamespace(device=device, overrides=SLIM_R50 + list(overrides))
     cfg, _, _ = build_cfg(plan, head, "fp32", arm)
     batch = batch if batch is not None else synthetic_batch(seed=seed)
     torch.manual_seed(seed)
@@ -155,28 +160,39 @@ def count_step(head, arm, overrides=(), batch=None, seed=0):
     trainer = SimpleTrainer(model, Cycle([batch]), build_optimizer(cfg, model))
     trainer.storage = EventStorage(0)
     counter = OpCounter()
+    cuda_syncs = None
     with trainer.storage:
-        for it in range(2):
-            trainer.iter = trainer.storage.iter = it
-            if it == 1:
+        trainer.iter = trainer.storage.iter = 0
+        trainer.run_step()
+        trainer.iter = trainer.storage.iter = 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
                 with counter:
                     trainer.run_step()
-            else:
-                trainer.run_step()
+            finally:
+                if device.startswith("cuda"):
+                    torch.cuda.set_sync_debug_mode("default")
+        if device.startswith("cuda"):
+            cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
     return {"head": head_name(cfg, head), "head_key": head, "arm": arm, "roi_heads": cfg.MODEL.ROI_HEADS.NAME,
-            "ops": counter.ops, "syncs": counter.num_syncs,
+            "device": device, "ops": counter.ops, "syncs": counter.num_syncs, "cuda_syncs": cuda_syncs,
             "sync_sites": [{"op": op, "where": where, "count": n}
                            for (op, where), n in sorted(counter.syncs.items(), key=lambda kv: kv[0][1])],
             "by_op": dict(counter.by_op.most_common())}
 
 
-def count_arms(heads=OPS_HEADS, arms=OPS_ARMS, overrides=()):
+def count_arms(heads=OPS_HEADS, arms=OPS_ARMS, overrides=(), image_size=(320, 480), device="cpu"):
     """Rows of the op table: each head's arms with ratios to its stock arm."""
     rows = []
+    batch = synthetic_batch(height=image_size[0], width=image_size[1])
     for head in heads:
         stock = None
         for arm in arms:
-            row = count_step(head, arm, overrides)
+            row = count_step(head, arm, overrides, batch=batch, device=device)
             if arm == "stock":
                 stock = row
             row["op_ratio"] = row["ops"] / stock["ops"] if stock else None
@@ -188,11 +204,14 @@ def count_arms(heads=OPS_HEADS, arms=OPS_ARMS, overrides=()):
 
 
 def format_ops_table(rows):
-    lines = ["| arm | head | non-view aten ops | vs stock | host syncs | vs stock |", "|---|---|---:|---:|---:|---:|"]
+    cuda = rows[0]["cuda_syncs"] is not None
+    lines = ["| arm | head | non-view aten ops | vs stock | host syncs | vs stock |" + (" CUDA-reported syncs |" if cuda else ""),
+             "|---|---|---:|---:|---:|---:|" + ("---:|" if cuda else "")]
     for r in rows:
         ratio = "n/a" if r["op_ratio"] is None else f"{r['op_ratio']:.3f}x"
         delta = "n/a" if r["sync_delta"] is None else f"{r['sync_delta']:+d}"
-        lines.append(f"| {r['arm']} | {r['head']} | {r['ops']} | {ratio} | {r['syncs']} | {delta} |")
+        lines.append(f"| {r['arm']} | {r['head']} | {r['ops']} | {ratio} | {r['syncs']} | {delta} |"
+                     + (f" {r['cuda_syncs']} |" if cuda else ""))
     return "\n".join(lines)
 
 
@@ -217,8 +236,14 @@ def run_ops_suite(args, argv):
             arms.insert(0, "stock")
         if len(args.opts) % 2:
             raise BenchmarkError("config overrides must be KEY VALUE pairs")
+        device = args.device or "cpu"
+        if device != "cpu" and not torch.cuda.is_available():
+            raise BenchmarkError(f"--device {device} needs CUDA; torch.cuda.is_available() is False")
+        image_size = tuple(int(v) for v in args.image_size.lower().split("x") if v.isdigit())
+        if len(image_size) != 2 or min(image_size) < 32 or args.image_size.count("x") != 1:
+            raise BenchmarkError(f"--image-size {args.image_size!r}: expected HxW of at least 32x32, e.g. 320x480")
         torch.set_num_threads(args.threads or 1)
-        rows = count_arms(heads, arms, list(args.opts))
+        rows = count_arms(heads, arms, list(args.opts), image_size, device)
     except BenchmarkError as e:
         print(f"benchmark.py: error: {e}", file=sys.stderr)
         return 2
@@ -231,7 +256,8 @@ def run_ops_suite(args, argv):
         path = os.path.join(args.out, "ops.json")
         with open(path, "w") as f:
             json.dump({"command": "python tools/benchmark.py " + " ".join(argv), "torch": torch.__version__,
-                       "overrides": SLIM_R50 + list(args.opts), "rows": rows}, f, indent=1)
+                       "device": device, "image_size": image_size, "overrides": SLIM_R50 + list(args.opts),
+                       "rows": rows}, f, indent=1)
             f.write("\n")
         print(f"[benchmark] wrote {path}", file=sys.stderr)
     return 0
