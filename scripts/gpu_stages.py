@@ -8,6 +8,8 @@ and a stage already finished is skipped.
 
     python scripts/gpu_stages.py tests       # make test-gpu: the model-level tests on CUDA
     python scripts/gpu_stages.py benchmark   # tools/benchmark.py --suite gpu: FPN, C4, then Mask (bitmask)
+    python scripts/gpu_stages.py ops         # issue 18, <= 5 min: op/sync counts on CUDA, FPN and C4
+                                             # stock vs two-pass timed in fp32, AMP and bf16 read-only
     python scripts/gpu_stages.py probe       # the study's runs for 100 iterations: speed, for sizing it
     python scripts/gpu_stages.py study       # the study (run it again to resume it)
 
@@ -278,7 +280,48 @@ def stage_study(args, ledger, budget):
     return run_part(ledger, "study", command, out / "run_experiment.log", budget, stop_signal=signal.SIGINT)
 
 
-STAGES = {"tests": stage_tests, "benchmark": stage_benchmark, "probe": stage_probe, "study": stage_study}
+def ops_parts(toy):
+    """(name, arguments of tools/benchmark.py) of each part of the ops stage: the op and sync
+    counts of one step (on CUDA: also the syncs set_sync_debug_mode("warn") reports), then
+    stock against two-pass, timed, with fewer iterations than the benchmark stage (5 minutes)."""
+    if toy:
+        small = ["--image-size", "128x192", "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "300",
+                 "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32"]
+        return [("counts", ["--suite", "ops", "--heads", "fpn", "--arms", "stock,ohem", *small]),
+                ("time", ["--suite", "cpu", "--heads", "fpn", "--arms", "stock,ohem", "--precisions", "fp32",
+                          "--iters", "1", "--warmup", "0", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128"])]
+    return [("counts", ["--suite", "ops", "--device", "cuda", "--arms", "stock,ohem"]),
+            ("time", ["--suite", "gpu", "--heads", "fpn,c4", "--arms", "stock,ohem",
+                      "--precisions", "fp32,amp,fp32_bf16ro", "--warmup", "5", "--iters", "20"])]
+
+
+def stage_ops(args, ledger, budget):
+    """Issue 18's check: ``summary.md`` with the op/sync table and the timed table."""
+    out = args.results / "ops"
+    status = DONE
+    for name, bench_args in ops_parts(args.toy):
+        images = [] if args.images is None or name == "counts" else ["--images", str(args.images)]
+        command = [PYTHON, "tools/benchmark.py", *images, "--out", str(out / name), *bench_args]
+        status = run_part(ledger, f"ops/{name}", command, out / name / "benchmark.log", budget)
+        if status != DONE:
+            return status
+    counts = json.loads((out / "counts" / "ops.json").read_text())
+    timed = json.loads((out / "time" / "benchmark.json").read_text())
+    lines = ["# Ops stage: OHEM two-pass against the stock sampler (issue 18)", "",
+             f"`{counts['command']}` (torch {counts['torch']}, {counts['device']})", "",
+             "| arm | head | non-view aten ops | vs stock | host syncs | vs stock | CUDA-reported syncs |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in counts["rows"]:
+        ratio = "n/a" if r["op_ratio"] is None else f"{r['op_ratio']:.3f}x"
+        lines.append(f"| {r['arm']} | {r['head']} | {r['ops']} | {ratio} | {r['syncs']} | {r['sync_delta']:+d} "
+                     f"| {'n/a' if r['cuda_syncs'] is None else r['cuda_syncs']} |")
+    lines += ["", f"`{timed['command']}`", "", (out / "time" / "benchmark.md").read_text().split("\n\n", 2)[2]]
+    (out / "summary.md").write_text("\n".join(lines))
+    return status
+
+
+STAGES = {"tests": stage_tests, "benchmark": stage_benchmark, "probe": stage_probe, "study": stage_study,
+          "ops": stage_ops}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,3 +118,13 @@ def test_a_part_whose_budget_is_spent_before_it_starts_is_recorded_as_stopped(tm
                                  tmp_path / "study.log", spent)
     assert status == gpu_stages.STOPPED and not (tmp_path / "study.log").exists()  # never started
     assert ledger(tmp_path)["study"]["status"] == "stopped at the budget"
+
+
+def test_ops_stage_writes_the_counts_and_the_timed_table(tmp_path):
+    require_coco128()
+    done = stage("ops", tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {k for k in ledger(tmp_path) if k.startswith("ops/")} == {"ops/counts", "ops/time"}
+    summary = (tmp_path / "ops" / "summary.md").read_text()
+    assert "| ohem | R50-FPN |" in summary and "| CUDA-reported syncs |" in summary
+    assert "| ohem | R18-FPN | fp32 |" in summary

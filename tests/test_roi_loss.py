@@ -7,7 +7,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 from detectron2.utils.events import EventStorage
 
-from ohem_d2.modeling.roi_loss import per_roi_losses
+from ohem_d2.modeling.roi_loss import per_roi_losses, regression_targets
 
 from conftest import device, instances
 
@@ -92,3 +92,15 @@ def test_losses_are_fp32_from_low_precision_logits():
     scores, deltas = random_predictions(box_predictor, proposals)
     cls_loss, box_loss = per_roi_losses(box_predictor, (scores.bfloat16(), deltas.bfloat16()), proposals)
     assert cls_loss.dtype == box_loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("weights", [(10.0, 10.0, 5.0, 5.0), (1.0, 1.0, 1.0, 1.0), (10.0, 20.0, 5.0, 10.0)])
+def test_regression_targets_equal_detectron2_get_deltas_bitwise(weights):
+    """roi_loss's get_deltas without the host sync gives Detectron2's deltas bit for bit."""
+    transform = Box2BoxTransform(weights)
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        src_xy, tgt_xy = torch.rand(300, 2, generator=g) * 300, torch.rand(300, 2, generator=g) * 300
+        src = torch.cat([src_xy, src_xy + 1 + torch.rand(300, 2, generator=g) * 200], dim=1)
+        tgt = torch.cat([tgt_xy, tgt_xy + 1 + torch.rand(300, 2, generator=g) * 200], dim=1)
+        assert torch.equal(regression_targets(transform, src, tgt), transform.get_deltas(src, tgt))

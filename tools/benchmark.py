@@ -11,6 +11,9 @@ Suites:
                 --heads mask: Mask R-CNN R50-FPN with bitmask targets, on its own.
   --suite cpu   a smoke-size run for machines without a GPU (ResNet-18, 128 px, one thread);
                 its ratios say little about a GPU, it checks that every arm runs.
+  --suite ops   counts, on the CPU, the non-view aten ops and host syncs of one training step
+                of each arm (slim R-50, 2 images of 320x480, the configs' RoI counts), with each
+                sync's file:line; the ratio to stock predicts a launch-bound GPU's (docs/PERFORMANCE.md).
 """
 import sys
 

@@ -157,13 +157,15 @@ def argument_parser(description=None):
             "bfloat16, two-pass OHEM arms only; amp/amp_bf16 need CUDA).\n\nexamples:\n"
             "  python tools/benchmark.py --suite gpu --out results/benchmark_gpu\n"
             "  python tools/benchmark.py --suite cpu --out /tmp/bench_cpu\n"
+            "  python tools/benchmark.py --suite ops --out /tmp/ops\n"
             "  python tools/benchmark.py --suite gpu --heads fpn --precisions amp_bf16 "
             "MODEL.OHEM.READONLY_CHUNK_SIZE 0"
         ),
     )
-    parser.add_argument("--suite", choices=sorted(SUITES), default="cpu",
+    parser.add_argument("--suite", choices=sorted(SUITES) + ["ops"], default="cpu",
                         help="preset sizes and defaults: gpu = the real R50 measurement (CUDA), "
-                             "cpu = smoke-size run (default: cpu)")
+                             "cpu = smoke-size run, ops = count one step's aten ops and host syncs "
+                             "on the CPU (ohem_d2.experiments.op_count; --out gets ops.json) (default: cpu)")
     parser.add_argument("--arms", help="comma-separated arms among " + ",".join(ARMS)
                         + " (default: " + ",".join(DEFAULT_ARMS) + ")")
     parser.add_argument("--heads", help="comma-separated heads among " + ",".join(HEADS)
@@ -183,6 +185,8 @@ def argument_parser(description=None):
                         help="COCO instances JSON of --images (default: "
                              "IMAGES/../annotations/instances_<folder name>.json; with --heads mask, "
                              "instances_<folder name>_segm.json)")
+    parser.add_argument("--image-size", default="320x480",
+                        help="HxW of the synthetic images of --suite ops (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
     parser.add_argument("--out", help="folder to write benchmark.md and benchmark.json to")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
@@ -702,6 +706,10 @@ def run_benchmark(args, argv):
     """Measure the plan of ``args`` (tools/benchmark.py's options; ``argv`` is recorded as the
     command), print the table and, with ``--out``, write benchmark.md and benchmark.json.
     Returns the exit status: 2 with one line on bad input."""
+    if args.suite == "ops":
+        from .op_count import run_ops_suite  # op_count builds on this module
+
+        return run_ops_suite(args, argv)
     try:
         plan = make_plan(args)
         if plan.threads:

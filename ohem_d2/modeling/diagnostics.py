@@ -5,6 +5,10 @@ under ``ohem/``. They answer the questions a user of OHEM has: how many RoIs
 compete, how many the NMS merged, how much of the mined batch is foreground,
 how much harder the mined RoIs are than the average one, and how many mined
 background RoIs Fast R-CNN's ``bg_lo`` (IoU >= 0.1) would never have shown.
+
+They are computed on one iteration in :data:`LOG_PERIOD` only: the event writers keep the latest
+value of a scalar between their writes, and every step the statistics cost ~80 ops and a
+device-to-host copy, 5% of an FPN step's ops (``tools/benchmark.py --suite ops``).
 """
 import torch
 
@@ -12,6 +16,14 @@ from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 BG_LO = 0.1  # Fast R-CNN's lower IoU bound for background RoIs
+# Iterations between two records: the period of Detectron2's default writers (PeriodicWriter,
+# engine.hooks), so that each of their writes has a record at most LOG_PERIOD - 1 iterations old.
+LOG_PERIOD = 20
+
+
+def records_this_iteration():
+    """Whether the current EventStorage iteration is one the statistics are recorded on (0, 20, ...)."""
+    return get_event_storage().iter % LOG_PERIOD == 0
 
 
 def max_iou_with_gt(proposals):

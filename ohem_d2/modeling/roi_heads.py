@@ -42,10 +42,11 @@ from detectron2.modeling.roi_heads import (
 from detectron2.modeling.roi_heads.fast_rcnn import _log_classification_stats
 from detectron2.structures import Boxes, ImageList, Instances
 
-from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats
+from .diagnostics import max_iou_with_gt, mining_stats, record_mining_stats, records_this_iteration
 from .hardness import OHEM_HARDNESS_REGISTRY, HardnessInputs
+from .pooling import pool
 from .roi_loss import per_roi_losses
-from .selection import OHEM_SELECTION_REGISTRY, SelectionInputs
+from .selection import OHEM_SELECTION_REGISTRY, SelectionInputs, group_bounds
 from .settings import OHEMConfigError, OHEMSettings, check_box_predictor_for_ohem
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,13 @@ class OHEMMixin:
     # The read-only pass
 
     def _readonly_predictions(self, features, proposals, stage):
-        """Box-predictor outputs for every RoI, in chunks of ``READONLY_CHUNK_SIZE`` RoIs of one image."""
+        """Box-predictor outputs for every RoI, in chunks of ``READONLY_CHUNK_SIZE`` RoIs of one image.
+
+        Chunks stay inside an image: a chunk spanning images would feed the box head's matrix
+        products other row counts, and a RoI's outputs would change in the last bits (the ranking
+        would no longer be the one the tests freeze). The pooling has no host sync
+        (:mod:`ohem_d2.modeling.pooling`), so a chunk costs its launches only.
+        """
         chunk = self.ohem.readonly_chunk_size
         if chunk == 0:
             return self._box_predictions(features, proposals, stage)
@@ -244,7 +251,8 @@ class OHEMMixin:
         here: two_pass through :meth:`mine`, loss_zeroing from its trainable pass.
 
         Host syncs: the strategy's NMS and boolean selections (data-dependent sizes), the
-        per-image counts below, and the diagnostics' one device-to-host copy.
+        per-image bounds below, and the diagnostics' one device-to-host copy (on the iterations
+        they are recorded on, :func:`~ohem_d2.modeling.diagnostics.records_this_iteration`).
         """
         num_images = len(proposals)
         lengths = [len(p) for p in proposals]
@@ -279,7 +287,8 @@ class OHEMMixin:
         # Group by image, keeping the strategy's order inside each (a no-op for the built-ins).
         by_image = torch.sort(image_ids[selected], stable=True)[1]
         selected = selected[by_image]
-        per_image = torch.bincount(image_ids[selected], minlength=num_images).tolist()
+        bounds = group_bounds(image_ids[selected], num_images).tolist()  # host sync: the split sizes
+        per_image = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
         starts = [sum(lengths[:i]) for i in range(num_images)]
         mined = [
             p[idx - start] for p, idx, start in zip(proposals, selected.split(per_image), starts)
@@ -287,7 +296,7 @@ class OHEMMixin:
         if weights is not None:  # carried by the mined RoIs to the trainable losses, as ohem_weight
             for p, w in zip(mined, weights[by_image].float().split(per_image)):
                 p.ohem_weight = w
-        if self.ohem.log_diagnostics:
+        if self.ohem.log_diagnostics and records_this_iteration():
             record_mining_stats(
                 mining_stats(hardness, is_fg, max_iou_with_gt(proposals), selected, num_images, num_after_nms)
             )
@@ -356,7 +365,7 @@ class OHEMROIHeads(OHEMMixin, StandardROIHeads):
 
     def _box_predictions(self, features, proposals, stage):
         boxes = [p.proposal_boxes for p in proposals]
-        return self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
+        return self.box_predictor(self.box_head(pool(self.box_pooler, features, boxes)))
 
     # Constants for TorchScript, as Detectron2's TorchScript patch makes them in StandardROIHeads
     # (class annotations are not inherited), so that scripting compiles only the heads it has.
@@ -415,7 +424,8 @@ class OHEMRes5ROIHeads(OHEMMixin, Res5ROIHeads):
     applies_roi_weights = True
 
     def _box_predictions(self, features, proposals, stage):
-        box_features = self._shared_roi_transform(features, [p.proposal_boxes for p in proposals])
+        # Res5ROIHeads._shared_roi_transform with the sync-free pooling of ohem_d2.modeling.pooling.
+        box_features = self.res5(pool(self.pooler, features, [p.proposal_boxes for p in proposals]))
         return self.box_predictor(box_features.mean(dim=[2, 3]))
 
     def _mask_losses(self, features, proposals, box_features=None):

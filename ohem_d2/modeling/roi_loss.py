@@ -16,6 +16,31 @@ import torch.nn.functional as F
 from fvcore.nn import giou_loss, smooth_l1_loss
 
 from detectron2.layers.losses import ciou_loss, diou_loss
+from detectron2.modeling.box_regression import Box2BoxTransform
+
+
+def regression_targets(transform, src_boxes, target_boxes):
+    """``transform.get_deltas(src_boxes, target_boxes)``, bitwise, without its host sync.
+
+    Detectron2's :meth:`Box2BoxTransform.get_deltas` asserts ``(src_widths > 0).all().item()``: the
+    host waits for the device on every call, and the read-only pass calls it on every candidate.
+    Here the same arithmetic (same operations on the same values, per coordinate pair x/y and w/h
+    instead of one coordinate at a time) gives the same deltas without the check; a zero-width
+    proposal gives an infinite delta, which the trainable pass's own get_deltas still refuses.
+    Other transforms (a subclass may change the arithmetic) keep their own get_deltas.
+    """
+    if type(transform) is not Box2BoxTransform:
+        return transform.get_deltas(src_boxes, target_boxes)
+    src_sizes = src_boxes[:, 2:] - src_boxes[:, :2]
+    src_centers = src_boxes[:, :2] + 0.5 * src_sizes
+    target_sizes = target_boxes[:, 2:] - target_boxes[:, :2]
+    target_centers = target_boxes[:, :2] + 0.5 * target_sizes
+    wx, wy, ww, wh = transform.weights
+    center_weights = wx if wx == wy else src_boxes.new_tensor([wx, wy])
+    size_weights = ww if ww == wh else src_boxes.new_tensor([ww, wh])
+    d_centers = center_weights * (target_centers - src_centers) / src_sizes
+    d_sizes = size_weights * torch.log(target_sizes / src_sizes)
+    return torch.cat([d_centers, d_sizes], dim=1)
 
 
 def per_roi_classification_loss(box_predictor, scores, gt_classes):
@@ -27,7 +52,12 @@ def per_roi_classification_loss(box_predictor, scores, gt_classes):
         num_classes = scores.shape[1] - 1
         target = F.one_hot(gt_classes, num_classes + 1)[:, :num_classes].to(scores.dtype)
         loss = F.binary_cross_entropy_with_logits(scores[:, :-1], target, reduction="none").sum(dim=1)
-    return loss * box_predictor.loss_weight.get("loss_cls", 1.0)
+    return _weighted(loss, box_predictor.loss_weight.get("loss_cls", 1.0))
+
+
+def _weighted(loss, weight):
+    """``loss * weight``; a weight of 1 (the default) launches nothing: x * 1.0 is x, bit for bit."""
+    return loss if weight == 1.0 else loss * weight
 
 
 def per_roi_box_regression_loss(box_predictor, proposal_deltas, proposal_boxes, gt_boxes, gt_classes):
@@ -36,12 +66,12 @@ def per_roi_box_regression_loss(box_predictor, proposal_deltas, proposal_boxes, 
     deltas = proposal_deltas.float()
     fg = (gt_classes >= 0) & (gt_classes < num_classes)
     if deltas.shape[1] != 4:  # class-specific: the deltas of each RoI's GT class
-        cls = torch.where(fg, gt_classes, torch.zeros_like(gt_classes))
+        cls = torch.where(fg, gt_classes, 0)
         deltas = deltas.view(-1, num_classes, 4)[torch.arange(len(cls), device=cls.device), cls]
     transform = box_predictor.box2box_transform
     loss_type = box_predictor.box_reg_loss_type
     if loss_type == "smooth_l1":
-        gt_deltas = transform.get_deltas(proposal_boxes, gt_boxes)
+        gt_deltas = regression_targets(transform, proposal_boxes, gt_boxes)
         loss = smooth_l1_loss(deltas, gt_deltas, box_predictor.smooth_l1_beta, reduction="none").sum(dim=1)
     else:
         iou_losses = {"giou": giou_loss, "diou": diou_loss, "ciou": ciou_loss}
@@ -49,8 +79,7 @@ def per_roi_box_regression_loss(box_predictor, proposal_deltas, proposal_boxes, 
             raise ValueError(f"OHEM: unsupported MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE {loss_type!r}")
         pred_boxes = transform.apply_deltas(deltas, proposal_boxes)
         loss = iou_losses[loss_type](pred_boxes, gt_boxes, reduction="none")
-    loss = torch.where(fg, loss, torch.zeros_like(loss))
-    return loss * box_predictor.loss_weight.get("loss_box_reg", 1.0)
+    return _weighted(torch.where(fg, loss, 0.0), box_predictor.loss_weight.get("loss_box_reg", 1.0))
 
 
 def per_roi_losses(box_predictor, predictions, proposals):

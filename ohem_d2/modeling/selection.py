@@ -77,13 +77,19 @@ def deduplicate(boxes, hardness, image_ids, nms_thresh):
     return batched_nms(boxes.float(), hardness.float(), image_ids, nms_thresh)
 
 
+def group_bounds(sorted_keys, num_groups):
+    """Where each group of ``sorted_keys`` (int64 in [0, num_groups), ascending) starts, and where
+    the last one ends: (num_groups + 1,) positions. A binary search rather than a
+    ``torch.bincount``, which on CUDA reads the keys' minimum and maximum on the host."""
+    return torch.searchsorted(sorted_keys, torch.arange(num_groups + 1, device=sorted_keys.device))
+
+
 def _sort_by_group(keys, num_groups):
     """Stable sort of ``keys`` (int64 in [0, num_groups)) for a sequence already in hardness
     order: returns the sorting permutation and, for each sorted element, its rank inside its
     group (0 = hardest)."""
     sorted_keys, perm = torch.sort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=num_groups)
-    first = torch.cumsum(counts, 0) - counts
+    first = group_bounds(sorted_keys, num_groups)[:-1]
     return perm, torch.arange(len(keys), device=keys.device) - first[sorted_keys]
 
 

@@ -43,7 +43,8 @@ class OHEMSettings:
     # Precision of the read-only pass in fp32 training ("bfloat16"/"float16" is opt-in: it changes
     # the ranking only by rounding). Under AMP the pass follows the autocast.
     readonly_dtype: str = "float32"
-    # Record mining statistics in the EventStorage (metrics.json, TensorBoard) every iteration.
+    # Record mining statistics in the EventStorage (metrics.json, TensorBoard) every 20th iteration
+    # (ohem_d2.modeling.diagnostics.LOG_PERIOD).
     log_diagnostics: bool = True
     # How the hard RoIs are chosen after the NMS: a name in ohem_d2.OHEM_SELECTION_REGISTRY
     # (the built-ins are listed in docs/STRATEGIES.md); "per_image" is the paper's B/N per image.
