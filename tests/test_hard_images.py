@@ -20,7 +20,7 @@ from ohem_d2.data.hard_images import (
     update,
 )
 from ohem_d2.data.synthetic import generate_synthetic_dataset
-from ohem_d2.engine.hooks import HardImageFeedback, HardImageLoader
+from ohem_d2.engine.hooks import HardImageFeedback, TrainingLoader
 
 
 def test_probabilities_follow_the_tempered_loss_above_a_floor():
@@ -72,19 +72,19 @@ def test_the_loss_feedback_reaches_the_loaders_worker_processes():
 
 
 def test_the_running_losses_are_saved_and_restored_with_the_trainer_state():
-    loader = HardImageLoader(loader=[], losses=shared_losses(3))
+    loader = TrainingLoader(loader=[], sampler=HardImageTrainingSampler(shared_losses(3), seed=0))
     trainer = TrainerBase()
     trainer.register_hooks([HardImageFeedback(loader)])
-    loader.losses.copy_(torch.tensor([1.0, 7.0, 2.0]))
+    loader.sampler.losses.copy_(torch.tensor([1.0, 7.0, 2.0]))
     state = trainer.state_dict()
     assert torch.equal(state["hooks"]["HardImageFeedback"]["losses"], torch.tensor([1.0, 7.0, 2.0]))
 
-    resumed_loader = HardImageLoader(loader=[], losses=shared_losses(3))
+    resumed_loader = TrainingLoader(loader=[], sampler=HardImageTrainingSampler(shared_losses(3), seed=0))
     resumed = TrainerBase()
     resumed.register_hooks([HardImageFeedback(resumed_loader)])
     resumed.load_state_dict(state)
-    assert torch.equal(resumed_loader.losses, torch.tensor([1.0, 7.0, 2.0]))
-    assert resumed_loader.losses.is_shared()  # restored in place, where the workers read
+    assert torch.equal(resumed_loader.sampler.losses, torch.tensor([1.0, 7.0, 2.0]))
+    assert resumed_loader.sampler.losses.is_shared()  # restored in place, where the workers read
 
 
 def test_arms_and_bad_settings():

@@ -34,8 +34,9 @@ from ..data.hard_images import (
     check_hard_image_config,
     shared_losses,
 )
+from ..data.resumable_sampler import ResumableTrainingSampler
 from ..modeling.settings import OHEMConfigError
-from .hooks import HardImageFeedback, HardImageLoader, PeakMemoryHook
+from .hooks import ExactResume, HardImageFeedback, PeakMemoryHook, TrainingLoader
 from .launch import cpu_ddp
 from .weights import check_weights, from_scratch_warnings
 
@@ -170,23 +171,31 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's loader; with ``DATALOADER.SAMPLER_TRAIN: HardImageTrainingSampler``, its
-        records numbered for the sampler and the loader wrapped for the loss feedback."""
-        if cfg.DATALOADER.SAMPLER_TRAIN != SAMPLER_NAME:
+        """Detectron2's loader with a sampler the hooks can reach (:class:`TrainingLoader`):
+        Detectron2's ``TrainingSampler`` made resumable (:class:`ExactResume`), or the
+        ``HardImageTrainingSampler`` (its records numbered for the loss feedback); Detectron2's
+        other samplers as Detectron2 builds them."""
+        if cfg.DATALOADER.SAMPLER_TRAIN not in ("TrainingSampler", SAMPLER_NAME):
             return super().build_train_loader(cfg)
         dicts = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
-        records = [dict(d, **{INDEX_KEY: i}) for i, d in enumerate(dicts)]
-        settings = cfg.DATALOADER.HARD_IMAGES
-        sampler = HardImageTrainingSampler(shared_losses(len(records)), settings.TEMPERATURE, settings.FLOOR)
-        return HardImageLoader(build_detection_train_loader(cfg, dataset=records, sampler=sampler), sampler.losses)
+        if cfg.DATALOADER.SAMPLER_TRAIN == SAMPLER_NAME:
+            dicts = [dict(d, **{INDEX_KEY: i}) for i, d in enumerate(dicts)]
+            settings = cfg.DATALOADER.HARD_IMAGES
+            sampler = HardImageTrainingSampler(shared_losses(len(dicts)), settings.TEMPERATURE, settings.FLOOR)
+        else:
+            sampler = ResumableTrainingSampler(len(dicts))  # seeded as Detectron2 seeds its TrainingSampler
+        return TrainingLoader(build_detection_train_loader(cfg, dataset=dicts, sampler=sampler), sampler)
 
     def build_hooks(self):
         extra = [PeakMemoryHook()]
-        if isinstance(self._trainer.data_loader, HardImageLoader):
-            extra.append(HardImageFeedback(self._trainer.data_loader, self.cfg.DATALOADER.HARD_IMAGES.MOMENTUM))
+        loader = self._trainer.data_loader
+        if isinstance(loader, TrainingLoader) and isinstance(loader.sampler, ResumableTrainingSampler):
+            extra.append(ExactResume(loader, self.cfg.SOLVER.IMS_PER_BATCH))
+        if isinstance(loader, TrainingLoader) and isinstance(loader.sampler, HardImageTrainingSampler):
+            extra.append(HardImageFeedback(loader, self.cfg.DATALOADER.HARD_IMAGES.MOMENTUM))
         return extra + super().build_hooks()
 
 
