@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import REPO
 from test_run_experiment import TINY_RUN
@@ -223,6 +224,15 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint(tmp_path):
     resumed = [line for line in log.splitlines() if "Starting training from iteration" in line][-1]
     assert int(resumed.rsplit(" ", 1)[1]) >= 8  # no iteration lost beyond the checkpoint period
     assert json.loads((run_dir / "run.json").read_text())["job_id"] == job  # the same job, requeued
+    # The same run, uninterrupted and local, ends with the same weights (ohem_d2.engine.hooks.ExactResume).
+    local = tmp_path / "local"
+    command = runner_command(local, tmp_path / "data", "--arms", "ohem")
+    command[command.index("SOLVER.MAX_ITER") + 1] = "16"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = torch.load(local / "ohem" / "seed_0" / "model_final.pth", weights_only=False)["model"]
+    actual = torch.load(run_dir / "model_final.pth", weights_only=False)["model"]
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
 def test_two_gloo_processes_of_one_run_on_one_node(tmp_path):

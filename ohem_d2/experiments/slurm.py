@@ -9,9 +9,8 @@ environment through submitit's ``JobEnvironment``.
 Preemption and time limits: SLURM signals the job (USR2, 90 s before its limit, as submitit asks
 for); submitit's handler calls :meth:`TrainingJob.checkpoint`, which requeues the same run. A job
 requeued by ``scontrol requeue`` starts again the same way. Either way the training continues from
-its last Detectron2 checkpoint (``--resume``): at most ``--checkpoint-period`` iterations are lost.
-Detectron2 does not save its data loader's position or the random generators in a checkpoint, so
-the data order after a resume is a fresh one from the same seed, as for a local ``--resume``.
+its last Detectron2 checkpoint (``--resume``): at most ``--checkpoint-period`` iterations are lost,
+and the run goes on as it would have (``ohem_d2.engine.hooks.ExactResume``).
 
 State: each run's ``run.json`` holds its job id; the job itself records its outcome there (the
 launcher may be gone by then). Running the same command again re-attaches to the jobs still in
