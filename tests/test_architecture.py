@@ -81,3 +81,10 @@ def test_the_public_api_is_importable_from_the_package():
 
     assert {"OHEMROIHeads", "OHEMRes5ROIHeads", "OHEMCascadeROIHeads", "FocalLossROIHeads",
             "IoUBalancedROIHeads"} <= {name for name, _ in ROI_HEADS_REGISTRY}
+
+
+def test_the_readme_is_a_front_page_that_links_every_docs_page():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    unlinked = [p.name for p in (REPO / "docs").glob("*.md") if f"docs/{p.name}" not in readme]
+    assert not unlinked, unlinked
