@@ -211,7 +211,8 @@ def test_a_requeued_job_resumes_from_its_last_checkpoint(tmp_path):
                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     run_dir = out / "ohem" / "seed_0"
     deadline = time.time() + 600
-    while time.time() < deadline and not (run_dir / "model_0000007.pth").exists():
+    last = run_dir / "last_checkpoint"  # written after the checkpoint file: then the checkpoint is whole
+    while time.time() < deadline and not (last.exists() and last.read_text().strip() == "model_0000007.pth"):
         time.sleep(0.2)
     assert (run_dir / "model_0000007.pth").exists() and not (run_dir / "model_final.pth").exists()
     job = json.loads((run_dir / "run.json").read_text())["job_id"]
