@@ -18,7 +18,7 @@ FLAGS = {
     "train_net.py": TRAINING_FLAGS,
     "lazyconfig_train_net.py": TRAINING_FLAGS | {"--arm", "--sizes-from-images"},
     "benchmark.py": {"--suite", "--arms", "--heads", "--precisions", "--iters", "--warmup", "--block", "--device",
-                     "--threads", "--images", "--annotations", "--seed", "--out"},
+                     "--threads", "--images", "--annotations", "--seed", "--out", "--image-size"},
     "run_experiment.py": {"--config-file", "--arms", "--reference", "--fp-score-threshold", "--seeds", "--output",
                           "--num-gpus", "--parallel", "--register-coco", "--register-voc", "--synthetic",
                           "--data-root", "--report-only", "--launcher", "--status", "--partition", "--account",
