@@ -182,7 +182,10 @@ def test_rpn_gradients_reach_only_the_mined_anchors():
         losses = rpn.losses(anchors, logits, gt_labels, deltas, gt_boxes)
     sum(losses.values()).backward()
     assert keep.sum(dim=1).tolist() == [rpn.ohem.anchor_batch_size_per_image] * 2
-    assert torch.equal(torch.cat([x.grad for x in logits], dim=1) != 0, keep)
+    # A mined anchor whose sigmoid rounds to its label in fp32 (a logit beyond ~17) has a zero gradient.
+    all_logits = torch.cat([x.detach() for x in logits], dim=1)
+    saturated = torch.sigmoid(all_logits) == (labels == 1).float()
+    assert torch.equal(torch.cat([x.grad for x in logits], dim=1) != 0, keep & ~saturated)
     assert torch.equal(_grad_rows(deltas), keep & (labels == 1))
     assert "rpn/ohem/fg_fraction_mined" in storage.latest()
 

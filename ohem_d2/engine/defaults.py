@@ -154,7 +154,8 @@ def shown_on_console(log, level=logging.INFO):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with evaluators chosen from dataset metadata, CPU DDP and peak memory."""
+    """DefaultTrainer with evaluators chosen from dataset metadata, CPU DDP, peak memory, exact
+    resume (ExactResume) and the hard-image sampler."""
 
     def __init__(self, cfg):
         with cpu_ddp():
