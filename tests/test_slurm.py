@@ -75,7 +75,7 @@ def test_rendezvous_of_a_multi_node_run_comes_from_slurms_variables(monkeypatch)
     for key, value in environ.items():
         monkeypatch.setenv(key, value)
     assert slurm.rendezvous(submitit.JobEnvironment(), environ) == (3, 2, f"tcp://gpu07:{20000 + 123456 % 20000}")
-    job = slurm.TrainingJob("tools/train_net.py", ["--num-gpus", "8", "SEED", "0"], "/runs/a", "ohem", 0,
+    job = slurm.TrainingJob("tools/train_net.py", ["--num-gpus", "8", "SEED", "0"], "/runs/a",
                             ["SOLVER.CHECKPOINT_PERIOD", "1000"], {}, processes_per_node=8)
     command = job.command(submitit.JobEnvironment(), environ)
     assert command[1:] == ["tools/train_net.py", "--resume", "--num-machines", "3", "--machine-rank", "2",

@@ -369,14 +369,14 @@ def train_on_slurm(args, runs, experiment, kind, output, device):
     print(f"SLURM grid of {len(runs)} runs on partition {resources.partition!r}: {len(done)} done, "
           f"{len(attached)} queued or running (re-attached), {len(todo)} to submit")
     opts = experiment["opts"]
-    user_sets_period = any(str(o) in ("SOLVER.CHECKPOINT_PERIOD",) or str(o).startswith("train.checkpointer.period=")
+    user_sets_period = any(str(o) == "SOLVER.CHECKPOINT_PERIOD" or str(o).startswith("train.checkpointer.period=")
                            for o in opts)
     extra_opts = [] if user_sets_period else kind.checkpoint_opts(args.checkpoint_period)
     environ = dict(child_environment(1))
     if "OMP_NUM_THREADS" not in os.environ:
         environ["OMP_NUM_THREADS"] = str(max(1, resources.cpus_per_task // resources.processes_per_node))
     if todo:
-        slurm.submit(todo, resources, os.path.join(output, "slurm"), kind, extra_opts, environ)
+        slurm.submit(todo, resources, os.path.join(output, "slurm"), extra_opts, environ)
     unfinished = slurm.follow(runs, experiment["max_iter"])
     if unfinished:
         raise ExperimentError(f"{len(unfinished)} run(s) did not finish: "

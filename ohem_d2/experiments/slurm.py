@@ -213,8 +213,8 @@ class TrainingJob:
     Callable by submitit; its ``checkpoint`` method makes submitit requeue the run when the job
     is preempted or reaches its time limit."""
 
-    def __init__(self, tool, argv, run_dir, arm, seed, extra_opts, environ, processes_per_node):
-        self.tool, self.argv, self.run_dir, self.arm, self.seed = tool, argv, run_dir, arm, seed
+    def __init__(self, tool, argv, run_dir, extra_opts, environ, processes_per_node):
+        self.tool, self.argv, self.run_dir = tool, argv, run_dir
         self.extra_opts, self.environ, self.processes_per_node = extra_opts, environ, processes_per_node
 
     def command(self, job_env, environ):
@@ -309,7 +309,7 @@ def plan_grid(runs):
     return done, attached, todo
 
 
-def submit(todo, resources, folder, kind, extra_opts, environ):
+def submit(todo, resources, folder, extra_opts, environ):
     """Submit ``todo`` as one job array; record each run's job id and log paths in its run.json and
     link its SLURM logs into its folder."""
     import submitit
@@ -320,8 +320,8 @@ def submit(todo, resources, folder, kind, extra_opts, environ):
     with executor.batch():
         for r in todo:
             os.makedirs(r.run_dir, exist_ok=True)
-            jobs.append(executor.submit(TrainingJob(r.tool_path, r.argv, r.run_dir, r.arm, r.seed, extra_opts,
-                                                    environ, resources.processes_per_node)))
+            jobs.append(executor.submit(TrainingJob(r.tool_path, r.argv, r.run_dir, extra_opts, environ,
+                                                    resources.processes_per_node)))
     for r, job in zip(todo, jobs):
         state = run_state(r.run_dir)
         # A job that started already (or finished) has recorded its own status: keep it.
@@ -352,7 +352,7 @@ def status_lines(runs, max_iter):
             text = "done"
         elif slurm_state == "PENDING":
             text = "queued"
-        elif slurm_state or state.get("status") == "running" and not job:
+        elif slurm_state or (state.get("status") == "running" and not job):  # in SLURM's queue, or a local run
             it = last_iteration(r.run_dir)
             per_it = seconds_per_iteration(r.run_dir)
             eta = f", ETA {(max_iter - it) * per_it / 60:.0f} min" if per_it else ""
