@@ -237,3 +237,46 @@ def test_an_arm_of_another_meta_architecture_is_one_line(bench):
     with pytest.raises(bench.BenchmarkError, match="^arm 'retinanet_ohem' does not apply to MODEL.META_ARCHITECTURE "
                                                    "'GeneralizedRCNN'[^\n]*the benchmark's models"):
         bench.build_cfg(plan, "fpn", "fp32", "retinanet_ohem")
+
+
+# ------------------------------------------------------------------------------------------------
+# Anchor-level mining: the RetinaNet and RPN arms, each against its own meta-architecture's stock
+
+
+def fake_images(tmp_path):
+    images = tmp_path / "train2017"
+    images.mkdir()
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train2017.json").write_text("{}")
+    return str(images)
+
+
+def test_anchor_arms_run_beside_their_stock_arm_in_one_plan(bench, tmp_path):
+    images = fake_images(tmp_path)
+    plan = plan_of(bench, ["--heads", "fpn,retinanet", "--precisions", "fp32", "--images", images,
+                           "--arms", "ohem,ohem_rpn,retinanet_ohem,retinanet_ssd"])
+    assert plan.combos == [("fpn", "fp32", "stock"), ("fpn", "fp32", "ohem"), ("fpn", "fp32", "ohem_rpn"),
+                           ("retinanet", "fp32", "retinanet_focal"), ("retinanet", "fp32", "retinanet_ohem"),
+                           ("retinanet", "fp32", "retinanet_ssd")]
+    cfgs = {(h, a): bench.build_cfg(plan, h, p, a)[0] for h, p, a in plan.combos}
+    assert cfgs["fpn", "ohem_rpn"].MODEL.PROPOSAL_GENERATOR.NAME == "OHEMRPN"
+    assert cfgs["fpn", "ohem"].MODEL.PROPOSAL_GENERATOR.NAME == "RPN"
+    assert cfgs["retinanet", "retinanet_focal"].MODEL.META_ARCHITECTURE == "RetinaNet"
+    assert cfgs["retinanet", "retinanet_ssd"].MODEL.OHEM.ANCHOR_SELECTION == "hard_negative_ratio"
+    default = plan_of(bench, ["--heads", "retinanet", "--precisions", "fp32", "--images", images])
+    assert [arm for _, _, arm in default.combos] == list(bench.RETINANET_ARMS)
+
+
+def test_an_arm_no_chosen_model_takes_is_one_line(bench, capsys, tmp_path):
+    line = error_line(bench, capsys, ["--heads", "retinanet", "--arms", "ohem", "--images", fake_images(tmp_path)])
+    assert "no arm of --arms ohem applies to head 'retinanet'" in line
+
+
+def test_op_counts_of_retinanet_arms_are_against_retinanet_focal(tmp_path):
+    from ohem_d2.experiments.op_count import count_arms
+
+    rows = count_arms(heads=("retinanet",), arms=["retinanet_ohem"], image_size=(64, 96))
+    assert [r["arm"] for r in rows] == ["retinanet_focal", "retinanet_ohem"]
+    assert rows[0]["op_ratio"] == 1.0 and rows[1]["op_ratio"] == rows[1]["ops"] / rows[0]["ops"]
+    assert rows[1]["sync_delta"] == rows[1]["syncs"] - rows[0]["syncs"] > 0
+    assert any("anchor_mining.py" in s["where"] for s in rows[1]["sync_sites"])

@@ -560,6 +560,10 @@ def test_the_heads_that_the_meta_architecture_builds_are_checked(tmp_path):
     assert ("it has 3 class(es), but MODEL.RETINANET.NUM_CLASSES is 80, its default"
             in stop_message([name], [], *retinanet))
     assert warnings_of([name], [], *retinanet, "MODEL.RETINANET.NUM_CLASSES", 3) == ""
+    # A registered subclass (ohem_d2's OHEMRetinaNet) predicts with RetinaNet's head and key.
+    ohem_retinanet = ("MODEL.META_ARCHITECTURE", "OHEMRetinaNet", "MODEL.ROI_HEADS.NUM_CLASSES", 80)
+    assert warnings_of([name], [], *ohem_retinanet, "MODEL.RETINANET.NUM_CLASSES", 3) == ""
+    assert "MODEL.RETINANET.NUM_CLASSES is 80, its default" in stop_message([name], [], *ohem_retinanet)
     # A semantic head predicts the dataset's stuff_classes, and only a semantic segmentor has one.
     semantic = unique_name(tmp_path, "_sem")
     DatasetCatalog.register(semantic, lambda: [])

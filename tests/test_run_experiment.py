@@ -144,3 +144,22 @@ def test_the_datasets_are_checked_once_per_experiment_not_per_run_or_process(tmp
     # What each training process of tools/train_net.py builds (its main's setup: check=False).
     defaults.build_config(training_argument_parser().parse_args(argv), check=False)
     assert len(checked) == 1
+
+
+def test_retinanet_arms_train_evaluate_and_report_from_the_runner(tmp_path):
+    """The anchor-mining arms end to end on the synthetic RetinaNet config: every arm's run passes
+    the dataset checks before training (OHEMRetinaNet's classes are RetinaNet's head's), trains,
+    evaluates, and the report has their AP and mining diagnostics."""
+    out = tmp_path / "exp"
+    done = run_tool("run_experiment.py", "--config-file", CONFIGS / "Synthetic-Detection" / "retinanet_R_18_FPN_scratch.yaml",
+                    "--output", out, "--data-root", tmp_path / "data", "--parallel", 2,
+                    "--arms", "retinanet_focal", "retinanet_ohem", "retinanet_ssd", *TINY_RUN)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["arms"]) == ["retinanet_focal", "retinanet_ohem", "retinanet_ssd"]
+    for arm in results["arms"]:
+        config = (out / arm / "seed_0" / "config.yaml").read_text()
+        assert ("META_ARCHITECTURE: OHEMRetinaNet" in config) == (arm != "retinanet_focal")
+        assert "AP" in json.loads((out / arm / "seed_0" / "eval_results.json").read_text())["bbox"]
+    assert results["arms"]["retinanet_ohem"]["mean"]["ohem/fg_fraction_mined"] is not None
+    assert results["arms"]["retinanet_focal"]["mean"]["ohem/fg_fraction_mined"] is None

@@ -21,6 +21,8 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.data.datasets.pascal_voc import register_pascal_voc
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.meta_arch import PanopticFPN, ProposalNetwork, RetinaNet, SemanticSegmentor
 
 from .checks import Source, Use, judge
 from .class_checks import ClassOutputs, judge_class_lists, judge_num_classes
@@ -140,17 +142,31 @@ def evaluator_type(name):
     return MetadataCatalog.get(name).get("evaluator_type", DEFAULT_EVALUATOR_TYPE)
 
 
+# Detectron2's meta-architectures whose class-predicting heads are not (only) the RoI heads, most
+# derived first (PanopticFPN is a GeneralizedRCNN), with the config nodes of those heads.
+_HEADS_BY_META_ARCH = ((PanopticFPN, ["ROI_HEADS", "SEM_SEG_HEAD"]), (RetinaNet, ["RETINANET"]),
+                       (SemanticSegmentor, ["SEM_SEG_HEAD"]), (ProposalNetwork, []))
+
+
+def _class_heads(meta_architecture):
+    """Config nodes of the heads that predict classes in ``meta_architecture``: those of the
+    Detectron2 class it derives from (OHEMRetinaNet: RetinaNet's), else the RoI heads'."""
+    try:
+        built = META_ARCH_REGISTRY.get(meta_architecture)
+    except KeyError:  # Detectron2 reports an unknown name when it builds the model
+        return ["ROI_HEADS"]
+    return next((heads for base, heads in _HEADS_BY_META_ARCH if issubclass(built, base)), ["ROI_HEADS"])
+
+
 def class_outputs(cfg):
     """The heads of a yacs config's model that predict classes (those its META_ARCHITECTURE
     builds), each with its NUM_CLASSES key; none for a config without MODEL."""
     if "MODEL" not in cfg:
         return []
-    heads = {"RetinaNet": ["RETINANET"], "SemanticSegmentor": ["SEM_SEG_HEAD"],
-             "PanopticFPN": ["ROI_HEADS", "SEM_SEG_HEAD"], "ProposalNetwork": []}
     defaults = get_cfg().MODEL
     return [ClassOutputs(f"MODEL.{head}.NUM_CLASSES", cfg.MODEL[head].NUM_CLASSES, defaults[head].NUM_CLASSES,
                          f"MODEL.{head}.NUM_CLASSES {{}}", "stuff_classes" if head == "SEM_SEG_HEAD" else "thing_classes")
-            for head in heads.get(cfg.MODEL.META_ARCHITECTURE, ["ROI_HEADS"])]
+            for head in _class_heads(cfg.MODEL.META_ARCHITECTURE)]
 
 
 def check_datasets(cfg, outputs=None):

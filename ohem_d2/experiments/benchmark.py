@@ -42,21 +42,27 @@ from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
 from .. import model_zoo
-from ..arms import ARMS, UnknownArmError, arm_overrides
+from ..arms import ARMS, RETINANET_BY_KIND, UnknownArmError, arm_overrides
 from ..config import add_ohem_config, validate_ohem_config
 from ..modeling.settings import OHEMConfigError
 
 # A checkout's neighbour folder of shared data (the benchmark's default images).
 DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco128" / "train2017"
 
-# Any arm of ohem_d2.arms can be measured; these run unless --arms says otherwise.
-DEFAULT_ARMS = ("stock", "ohem", "ohem_loss_zeroing")
-
-
 def has_readonly_pass(arm):
     """Whether ``arm`` trains with OHEM's two-pass mode, the only one with a read-only pass."""
     _, kind, overrides = ARMS[arm]
     return kind == "ohem" and "loss_zeroing" not in overrides
+
+
+def is_retinanet_arm(arm):
+    return ARMS[arm][1] in RETINANET_BY_KIND
+
+
+# Any arm of ohem_d2.arms can be measured on the models of its meta-architecture (a RetinaNet arm on
+# the RetinaNet, the others on the R-CNNs); a model's default arms run unless --arms says otherwise.
+RCNN_ARMS = ("stock", "ohem", "ohem_loss_zeroing")
+RETINANET_ARMS = ("retinanet_focal", "retinanet_ohem", "retinanet_ssd")
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,15 @@ class Head:
     config: str  # the stock model-zoo config (ohem_d2.model_zoo); each arm's overrides turn it into the arm
     overrides: tuple = ()
     annotations: str = "instances_{folder}.json"  # default annotations file name, beside the images
+    default_arms: tuple = RCNN_ARMS  # the first is the stock arm, every ratio's reference
+
+    @property
+    def stock_arm(self):
+        return self.default_arms[0]
+
+    def takes(self, arm):
+        """Whether ``arm`` applies to this model (the same meta-architecture)."""
+        return is_retinanet_arm(arm) == is_retinanet_arm(self.stock_arm)
 
 
 HEADS = {
@@ -74,6 +89,9 @@ HEADS = {
     # this is where gathering targets for all candidates rather than the mined RoIs would show.
     "mask": Head("FPN-Mask (bitmask)", "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
                  ("INPUT.MASK_FORMAT", "bitmask"), "instances_{folder}_segm.json"),
+    # Anchor-level mining: what the RetinaNet arms add is per-anchor losses on outputs the stock
+    # loss computes anyway, a top-k and an NMS over a bounded candidate set.
+    "retinanet": Head("RetinaNet", "COCO-Detection/retinanet_R_50_FPN_1x.yaml", default_arms=RETINANET_ARMS),
 }
 
 
@@ -167,7 +185,9 @@ def argument_parser(description=None):
                              "cpu = smoke-size run, ops = count one step's aten ops and host syncs "
                              "on the CPU (ohem_d2.experiments.op_count; --out gets ops.json) (default: cpu)")
     parser.add_argument("--arms", help="comma-separated arms among " + ",".join(ARMS)
-                        + " (default: " + ",".join(DEFAULT_ARMS) + ")")
+                        + "; each model runs those of its meta-architecture, and its stock arm, every "
+                        "ratio's reference (default: " + ",".join(RCNN_ARMS) + " on the R-CNNs, "
+                        + ",".join(RETINANET_ARMS) + " on retinanet)")
     parser.add_argument("--heads", help="comma-separated heads among " + ",".join(HEADS)
                         + " (default: the suite's; mask needs mask annotations, so it runs alone)")
     parser.add_argument("--precisions", help="comma-separated precisions among " + ",".join(PRECISIONS)
@@ -225,7 +245,7 @@ def make_plan(args):
     if len(args.opts) % 2:
         raise BenchmarkError(f"config overrides must be KEY VALUE pairs, got {len(args.opts)} items: "
                              f"{' '.join(args.opts)}")
-    arms = _pick(args.arms, ARMS, "arm") if args.arms is not None else list(DEFAULT_ARMS)
+    arms = _pick(args.arms, ARMS, "arm") if args.arms is not None else None
     heads = _pick(args.heads, HEADS, "head") if args.heads is not None else list(suite["heads"])
     precisions = (_pick(args.precisions, PRECISIONS, "precision") if args.precisions is not None
                   else list(suite["precisions"]))
@@ -260,20 +280,25 @@ def make_plan(args):
     skip = set() if args.precisions is not None else set(suite.get("skip_by_default", ()))
     combos = []
     for head in heads:
+        stock = HEADS[head].stock_arm  # always measured: every ratio's reference
+        chosen = [a for a in (arms or HEADS[head].default_arms) if HEADS[head].takes(a)]
+        if not chosen:
+            raise BenchmarkError(f"no arm of --arms {','.join(arms)} applies to head {head!r}: RetinaNet arms "
+                                 "apply to --heads retinanet, the others to the R-CNN heads (fpn, c4, mask)")
+        head_arms = [stock] + [a for a in chosen if a != stock]
         for prec in precisions:
             if (head, prec) in skip:
                 continue
             p = PRECISIONS[prec]
-            for arm in arms:
-                if arm == "stock" and p.reference:  # the baseline of fp32_bf16ro is stock fp32
-                    continue
-                if has_readonly_pass(arm) or not p.readonly_only:
-                    combos.append((head, prec, arm))
-            if p.reference and "stock" in arms and (head, p.reference, "stock") not in combos:
-                combos.insert(0, (head, p.reference, "stock"))
+            measured = [(head, prec, arm) for arm in head_arms
+                        if not (arm == stock and p.reference)  # the baseline of fp32_bf16ro is stock fp32
+                        and (has_readonly_pass(arm) or not p.readonly_only)]
+            combos += measured
+            if measured and p.reference and (head, p.reference, stock) not in combos:
+                combos.insert(0, (head, p.reference, stock))
     if not combos:
-        raise BenchmarkError(f"no arm applies to --arms {','.join(arms)} with --precisions "
-                             f"{','.join(precisions)} (fp32_bf16ro only applies to two-pass OHEM arms)")
+        raise BenchmarkError(f"no arm applies to --precisions {','.join(precisions)} "
+                             "(fp32_bf16ro only applies to two-pass OHEM arms)")
     combos.sort(key=lambda c: (list(HEADS).index(c[0]), list(PRECISIONS).index(c[1]), list(ARMS).index(c[2])))
 
     images = Path(args.images)
@@ -581,12 +606,14 @@ def measure(plan, arms):
 
 
 def summarize(arms, cuda):
-    """Rows of the table, as dicts; ratios against the stock arm of the same head and precision."""
+    """Rows of the table, as dicts; ratios against the stock arm (Head.stock_arm) of the same head
+    and precision."""
     by_key = {(a.head, a.prec, a.arm): a for a in arms}
     rows = []
     for a in arms:
         ref_prec = PRECISIONS[a.prec].reference or a.prec
-        ref = by_key.get((a.head, ref_prec, "stock"))
+        stock = HEADS[a.head].stock_arm
+        ref = by_key.get((a.head, ref_prec, stock))
         median = statistics.median(a.times)
         row = {
             "arm": a.arm, "head": head_name(a.cfg, a.head), "head_key": a.head, "precision": a.prec,
@@ -595,7 +622,7 @@ def summarize(arms, cuda):
             "time_ratio": statistics.median(a.times) / statistics.median(ref.times) if ref else None,
             "peak_mem_mib": a.peak_bytes / 2**20 if cuda else None,
             "mem_ratio": (a.peak_bytes / ref.peak_bytes) if (cuda and ref and ref.peak_bytes) else None,
-            "reference": f"stock/{a.head}/{ref_prec}" if ref else None,
+            "reference": f"{stock}/{a.head}/{ref_prec}" if ref else None,
         }
         rows.append(row)
     return rows

@@ -41,8 +41,7 @@ from detectron2.utils.events import EventStorage
 
 from .benchmark import HEADS, BenchmarkError, Cycle, build_cfg, calibrate_frozen_bn, head_name
 
-OPS_HEADS = ("fpn", "c4")
-OPS_ARMS = ("stock", "ohem", "ohem_loss_zeroing")
+OPS_HEADS = ("fpn", "c4", "retinanet")
 
 # R-50's structure, narrow: what is counted is how many ops run, not how long each takes.
 SLIM_R50 = [
@@ -185,15 +184,18 @@ def count_step(head, arm, overrides=(), batch=None, seed=0, device="cpu"):
             "by_op": dict(counter.by_op.most_common())}
 
 
-def count_arms(heads=OPS_HEADS, arms=OPS_ARMS, overrides=(), image_size=(320, 480), device="cpu"):
-    """Rows of the op table: each head's arms with ratios to its stock arm."""
+def count_arms(heads=OPS_HEADS, arms=None, overrides=(), image_size=(320, 480), device="cpu"):
+    """Rows of the op table: each head's arms (those of ``arms`` it takes, its default arms if
+    None) with ratios to its stock arm, which is counted first."""
     rows = []
     batch = synthetic_batch(height=image_size[0], width=image_size[1])
     for head in heads:
+        spec = HEADS[head]
+        head_arms = [a for a in (arms or spec.default_arms) if spec.takes(a) and a != spec.stock_arm]
         stock = None
-        for arm in arms:
+        for arm in [spec.stock_arm] + head_arms:
             row = count_step(head, arm, overrides, batch=batch, device=device)
-            if arm == "stock":
+            if arm == spec.stock_arm:
                 stock = row
             row["op_ratio"] = row["ops"] / stock["ops"] if stock else None
             row["sync_delta"] = row["syncs"] - stock["syncs"] if stock else None
@@ -228,12 +230,13 @@ def run_ops_suite(args, argv):
     from ..arms import ARMS
     try:
         heads = [h.strip() for h in (args.heads or ",".join(OPS_HEADS)).split(",") if h.strip()]
-        arms = [a.strip() for a in (args.arms or ",".join(OPS_ARMS)).split(",") if a.strip()]
-        for name, valid, what in [(h, HEADS, "head") for h in heads] + [(a, ARMS, "arm") for a in arms]:
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+        for name, valid, what in [(h, HEADS, "head") for h in heads] + [(a, ARMS, "arm") for a in arms or ()]:
             if name not in valid:
                 raise BenchmarkError(f"unknown {what} {name!r}: expected one of {', '.join(valid)}")
-        if "stock" not in arms:
-            arms.insert(0, "stock")
+        if arms and not any(HEADS[h].takes(a) for h in heads for a in arms):
+            raise BenchmarkError(f"no arm of --arms {args.arms} applies to --heads {','.join(heads)}: RetinaNet "
+                                 "arms apply to retinanet, the others to the R-CNN heads")
         if len(args.opts) % 2:
             raise BenchmarkError("config overrides must be KEY VALUE pairs")
         device = args.device or "cpu"

@@ -22,7 +22,7 @@ from fvcore.nn import giou_loss, smooth_l1_loss
 from detectron2.layers import cat, ciou_loss, diou_loss
 from detectron2.structures import Boxes
 
-from .diagnostics import record_mining_stats
+from .diagnostics import record_mining_stats, records_this_iteration
 from .selection import OHEM_SELECTION_REGISTRY, SelectionInputs
 from .settings import OHEMConfigError
 
@@ -69,7 +69,8 @@ def mine_anchors(hardness, valid, is_fg, anchors, settings, scope=""):
         anchors: list of Boxes (or tensors) per level, R anchors in all: the boxes of the NMS.
         settings: OHEMSettings (the ``anchor_*`` fields and ``neg_pos_ratio``).
         scope: prefix of the ``ohem/*`` diagnostics ("rpn/" for the RPN), recorded in the
-            current EventStorage when ``settings.log_diagnostics``.
+            current EventStorage when ``settings.log_diagnostics``, on the iterations the event
+            writers log (:func:`~ohem_d2.modeling.diagnostics.records_this_iteration`).
     """
     num_images, num_anchors = hardness.shape
     budget = settings.anchor_batch_size_per_image
@@ -99,7 +100,7 @@ def mine_anchors(hardness, valid, is_fg, anchors, settings, scope=""):
             "returns no weights (anchor losses are Detectron2's, unweighted)")
     keep = torch.zeros_like(valid)
     keep[image_ids[selected], anchor_ids[selected]] = True
-    if settings.log_diagnostics:
+    if settings.log_diagnostics and records_this_iteration():
         record_mining_stats(anchor_mining_stats(hardness, valid, is_fg, keep, len(image_ids), num_after_nms, scope))
     return keep
 

@@ -51,7 +51,10 @@ class OHEMRetinaNet(RetinaNet):
         by its normaliser."""
         labels = torch.stack(gt_labels)
         valid = labels >= 0
-        targets = torch.nn.functional.one_hot(labels.clamp(min=0), self.num_classes + 1)[..., :-1]
+        # Detectron2's one-hot targets without F.one_hot, which reads the labels' range on the host:
+        # background (num_classes) and ignored (-1) anchors get all-zero rows.
+        classes = torch.arange(self.num_classes, device=labels.device)
+        targets = labels.unsqueeze(-1) == classes
         logits = cat(pred_logits, dim=1)
         cls = sigmoid_focal_loss(logits, targets.to(logits.dtype), alpha=self.focal_loss_alpha,
                                  gamma=self.focal_loss_gamma, reduction="none").sum(dim=-1) * valid
