@@ -10,7 +10,8 @@ those of the datasets' classes (``class_checks``); what Detectron2 handles safel
 warnings. Its result is cached (``scan_cache``).
 
 Registration itself is Detectron2's: ``register_coco_instances`` and ``register_pascal_voc``;
-with ``DATASETS.SIZES_FROM_IMAGES`` their loaders' records get the image files' sizes.
+with ``DATASETS.SIZES_FROM_IMAGES`` their loaders' records get the image files' sizes. Negative
+pools (background images, no objects) are datasets of their own: :mod:`ohem_d2.data.negatives`.
 """
 import difflib
 import logging
@@ -26,6 +27,7 @@ from detectron2.modeling.meta_arch import PanopticFPN, ProposalNetwork, RetinaNe
 
 from .checks import Source, Use, judge
 from .class_checks import ClassOutputs, judge_class_lists, judge_num_classes
+from . import negatives
 from .scan import scan_coco, scan_voc
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,10 @@ def add_dataset_config(cfg):
     # Entries [name, dirname, split, "class1,class2,..."]: a folder with the Pascal VOC layout
     # (Annotations/, ImageSets/Main/<split>.txt, JPEGImages/) and its own class names.
     cfg.DATASETS.REGISTER_VOC = []
+    # Entries [name, folder or list file]: a negative pool, background images without objects
+    # (ohem_d2.data.negatives), trained on as images without GT whatever
+    # DATALOADER.FILTER_EMPTY_ANNOTATIONS says (it applies to the other datasets).
+    cfg.DATASETS.REGISTER_NEGATIVES = []
     # True: the datasets of DATASETS.TRAIN and TEST take each image's width and height from the
     # image file (after EXIF orientation) where the annotations say otherwise, and such
     # mismatches are warnings. False by default: a size that differs may mean boxes drawn at
@@ -88,8 +94,18 @@ def register_voc(name, dirname, split, class_names):
     return name
 
 
+def register_negatives(name, source):
+    """Register a negative pool (a folder of background images, or a text file listing them);
+    idempotent like ``register_coco``."""
+    wanted = {negatives.SOURCE_KEY: os.path.abspath(source)}
+    if not _already_registered(name, wanted):
+        negatives.register_pool(name, wanted[negatives.SOURCE_KEY])
+    return name
+
+
 def register_datasets_from_config(cfg):
-    """Register every ``DATASETS.REGISTER_COCO``/``REGISTER_VOC`` entry; return their names.
+    """Register every ``DATASETS.REGISTER_COCO``/``REGISTER_VOC``/``REGISTER_NEGATIVES`` entry;
+    return their names.
 
     Also makes the loaders of the datasets in DATASETS.TRAIN and TEST (Detectron2's builtin
     ones too) take image sizes from the image files if ``DATASETS.SIZES_FROM_IMAGES``, and
@@ -103,6 +119,8 @@ def register_datasets_from_config(cfg):
         form = "[name, dirname, split, 'class1,class2,...']"
         name, dirname, split, classes = _entry("REGISTER_VOC", entry, form, 4)
         names.append(register_voc(name, dirname, split, classes.split(",")))
+    for entry in cfg.DATASETS.REGISTER_NEGATIVES:
+        names.append(register_negatives(*_entry("REGISTER_NEGATIVES", entry, "[name, folder or list file]", 2)))
     for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]):
         if name in DatasetCatalog.list():
             take_sizes_from_image_files(name, cfg.DATASETS.SIZES_FROM_IMAGES)
@@ -184,7 +202,13 @@ def check_datasets(cfg, outputs=None):
     found, images, classes = {}, {}, {}
     use = {"filter_empty": cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
            "sizes_from_images": cfg.DATASETS.SIZES_FROM_IMAGES}
+    pools = [name for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]) if negatives.is_pool(name)]
     for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]):
+        if name in pools:
+            found[name] = _judge_pool(name, cfg, train)
+            images[name] = len(negatives.pool_files(MetadataCatalog.get(name).get(negatives.SOURCE_KEY))) \
+                if not found[name][0] else None
+            continue
         dataset_stops, dataset_warnings, scan = _judge(name, Use(train=name in train, test=name in cfg.DATASETS.TEST,
                                                                 **use))
         found[name] = (dataset_stops, dataset_warnings)
@@ -211,6 +235,37 @@ def check_datasets(cfg, outputs=None):
     logger.info("datasets checked in %.2f s: %s; no problem stops the run, %d warning(s)",
                 time.perf_counter() - start, ", ".join(counted) or "none", len(warnings))
     return warnings
+
+
+# The training samplers that keep a negative pool's images (ohem_d2.engine.defaults.Trainer builds
+# their loader); Detectron2's others would drop them with FILTER_EMPTY_ANNOTATIONS.
+POOL_SAMPLERS = ("TrainingSampler", "HardImageTrainingSampler")
+
+
+def _judge_pool(name, cfg, train):
+    """(stops, warnings) of negative pool ``name`` in this run."""
+    stops = []
+    if name in cfg.DATASETS.TEST:
+        stops.append("it is a negative pool, in DATASETS.TEST: it has no objects to measure AP on; leave it out of "
+                     "DATASETS.TEST (tools/bootstrap.py --held-out-pool NAME counts false positives per image on one)")
+    if name in train and cfg.DATALOADER.SAMPLER_TRAIN not in POOL_SAMPLERS:
+        stops.append(f"it is a negative pool, and DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN} is built "
+                     f"by Detectron2, which drops images without annotations; use one of {', '.join(POOL_SAMPLERS)}")
+    positives = _training_files([n for n in train if not negatives.is_pool(n)]) if name in train else []
+    pool_stops, pool_warnings = negatives.judge_pool(name, positives)
+    return stops + pool_stops, pool_warnings
+
+
+def _training_files(names):
+    """The image files of the registered datasets ``names`` (those that load; the others' checks
+    say why they do not)."""
+    files = []
+    for name in names:
+        try:
+            files += [d["file_name"] for d in DatasetCatalog.get(name)]
+        except Exception:  # noqa: BLE001 - a dataset that does not load is reported by its own check
+            pass
+    return files
 
 
 def _classes(name, scan):

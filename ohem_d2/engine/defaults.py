@@ -34,6 +34,7 @@ from ..data.hard_images import (
     check_hard_image_config,
     shared_losses,
 )
+from ..data.negatives import filter_empty_except_pools, is_pool
 from ..data.resumable_sampler import ResumableTrainingSampler
 from ..modeling.settings import OHEMConfigError
 from .hooks import ExactResume, HardImageFeedback, PeakMemoryHook, TrainingLoader
@@ -54,13 +55,18 @@ except ImportError:
 
 
 def add_dataset_arguments(parser):
-    """``--register-coco`` and ``--register-voc``: user datasets named on the command line."""
+    """``--register-coco``, ``--register-voc`` and ``--register-negatives``: user datasets named on
+    the command line."""
     parser.add_argument("--register-coco", nargs=3, action="append", default=[],
                         metavar=("NAME", "JSON", "IMAGE_ROOT"),
                         help="register a COCO-format dataset (repeatable); use NAME in DATASETS.TRAIN/TEST")
     parser.add_argument("--register-voc", nargs=4, action="append", default=[],
                         metavar=("NAME", "DIR", "SPLIT", "CLASSES"),
                         help="register a Pascal-VOC-layout folder with comma-separated class names (repeatable)")
+    parser.add_argument("--register-negatives", nargs=2, action="append", default=[], metavar=("NAME", "DIR"),
+                        help="register a negative pool: a folder of background images without objects, or a text "
+                             "file listing them (repeatable); in DATASETS.TRAIN its images train as images without "
+                             "GT, whatever DATALOADER.FILTER_EMPTY_ANNOTATIONS says (docs/HARD_IMAGES.md)")
     return parser
 
 
@@ -119,6 +125,7 @@ def build_config(args, check=True):
                          f"words ending in {args.opts[-1]!r}{hint}") from None
     cfg.DATASETS.REGISTER_COCO += [list(entry) for entry in args.register_coco]
     cfg.DATASETS.REGISTER_VOC += [list(entry) for entry in args.register_voc]
+    cfg.DATASETS.REGISTER_NEGATIVES += [list(entry) for entry in args.register_negatives]
     validate_ohem_config(cfg)
     if cfg.DATALOADER.SAMPLER_TRAIN == SAMPLER_NAME:
         check_hard_image_config(cfg)
@@ -175,13 +182,18 @@ class Trainer(DefaultTrainer):
         """Detectron2's loader with a sampler the hooks can reach (:class:`TrainingLoader`):
         Detectron2's ``TrainingSampler`` made resumable (:class:`ExactResume`), or the
         ``HardImageTrainingSampler`` (its records numbered for the loss feedback); Detectron2's
-        other samplers as Detectron2 builds them."""
+        other samplers as Detectron2 builds them. Negative pools keep their images (no GT) whatever
+        FILTER_EMPTY_ANNOTATIONS says; it filters the other datasets."""
         if cfg.DATALOADER.SAMPLER_TRAIN not in ("TrainingSampler", SAMPLER_NAME):
             return super().build_train_loader(cfg)
+        filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        with_pools = any(is_pool(name) for name in cfg.DATASETS.TRAIN)
         dicts = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            cfg.DATASETS.TRAIN, filter_empty=filter_empty and not with_pools,
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
+        if filter_empty and with_pools:
+            dicts = filter_empty_except_pools(dicts)
         if cfg.DATALOADER.SAMPLER_TRAIN == SAMPLER_NAME:
             dicts = [dict(d, **{INDEX_KEY: i}) for i, d in enumerate(dicts)]
             settings = cfg.DATALOADER.HARD_IMAGES

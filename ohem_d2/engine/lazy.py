@@ -79,6 +79,10 @@ def build_lazy_config(args, check=True):
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     if args.arm:
         apply_arm_to_lazy_model(cfg.model, args.arm)
+    if args.register_negatives:
+        raise ValueError("--register-negatives: negative pools train from yacs (.yaml) configs, with "
+                         "tools/train_net.py or tools/bootstrap.py; this LazyConfig tool's loader would drop their "
+                         "images (they have no annotations)")
     for name, json_file, image_root in args.register_coco:
         register_coco(name, json_file, image_root)
     for name, dirname, split, classes in args.register_voc:
