@@ -94,6 +94,8 @@ ARMS = OrderedDict(
                          "stock", _NO_BG_LO + _QUARTER_FG + _HARD_IMAGES)),
         ("ohem_hard_images", ("OHEM as in the paper; images drawn by their recent loss", "ohem",
                               _NO_BG_LO + _HARD_IMAGES)),
+        ("bootstrap", ("Detectron2 sampler; hard-negative bootstrapping of the negative pool in rounds of the same "
+                       "schedule (tools/bootstrap.py)", "stock", _NO_BG_LO + _QUARTER_FG)),
         ("ohem_rpn", ("OHEM in the RPN (B/N hardest anchors per image, NMS on loss) and in the RoI head", "ohem",
                       _NO_BG_LO)),
         ("retinanet_focal", ("RetinaNet as published: focal loss (gamma 2, alpha 0.25) on every anchor", "retinanet",
@@ -108,6 +110,8 @@ ARMS = OrderedDict(
     ]
 )
 DEFAULT_ARMS = ("stock", "fast_rcnn_heuristics", "ohem")
+# The arms that train with tools/bootstrap.py (rounds over a negative pool) instead of train_net.py.
+BOOTSTRAP_ARMS = ("bootstrap",)
 
 
 class UnknownArmError(ValueError):
@@ -192,6 +196,8 @@ def apply_arm_to_lazy_model(model, arm):
     from .modeling.settings import OHEMSettings
     from .baselines.focal_loss import FocalLossOutputLayers
 
+    if arm in BOOTSTRAP_ARMS:
+        raise UnknownArmError(f"arm {arm!r} trains with tools/bootstrap.py, from a yacs (.yaml) config")
     if arm in ARMS and ARMS[arm][1] in RETINANET_BY_KIND:
         raise UnknownArmError(f"arm {arm!r} is a RetinaNet arm: LazyConfig arms support GeneralizedRCNN models; "
                               "run the RetinaNet arms from a yacs config (configs/*/retinanet_*.yaml)")

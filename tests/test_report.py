@@ -147,7 +147,8 @@ def test_the_report_pairs_every_arm_with_the_reference_and_counts_lookalike_erro
     assert results["reference"] == "stock" and results["arms"]["stock"]["paired"] is None
     paired = results["arms"]["ohem"]["paired"]
     assert paired["reference"] == "stock"
-    assert list(paired["metrics"]) == ["AP", "AP50", "AP75", "fp_lookalikes_per_image"]
+    assert list(paired["metrics"]) == ["AP", "AP50", "AP75", "fp_lookalikes_per_image", "fp_per_negative_image"]
+    assert paired["metrics"]["fp_per_negative_image"]["n"] == 0  # no held-out negative pool was scored
     assert paired["metrics"]["AP"]["mean"] == pytest.approx(3.1067, abs=1e-4)
     fp = paired["metrics"]["fp_lookalikes_per_image"]
     assert fp["differences"] == pytest.approx({"0": -1.0, "1": -1.0, "2": -1.5}) and fp["verdict"] == "better"
@@ -167,6 +168,22 @@ def test_the_report_pairs_every_arm_with_the_reference_and_counts_lookalike_erro
             "| [-1.884, -0.450] | better |") in table
     assert (tmp_path / "results.md").read_text() == table
     assert str(tmp_path / "ap.png") in plots and (tmp_path / "ap.png").stat().st_size > 1000
+
+
+def test_false_positives_on_a_held_out_negative_pool_are_a_column_and_paired(lookalike_experiment):
+    tmp_path, run_dirs = lookalike_experiment
+    per_image = {"stock": {0: 0.5, 1: 0.75, 2: 0.5}, "ohem": {0: 0.25, 1: 0.5, 2: 0.5}}
+    for arm, seeds in run_dirs.items():
+        for seed, run_dir in seeds.items():
+            (Path(run_dir) / "held_out_negatives.json").write_text(json.dumps(
+                {"pool": "/pool", "score_threshold": 0.5, "images": 4,
+                 "false_positives_per_image": per_image[arm][seed], "images_with_false_positives": 1}))
+    results, table, _ = write_report({}, run_dirs, str(tmp_path))
+    assert "| FP on look-alikes / image | FP / held-out negative image | s/iter |" in table.splitlines()[0]
+    assert "| 1.667 ± 0.289 | 0.583 ± 0.144 |" in table.splitlines()[2]  # stock
+    paired = results["arms"]["ohem"]["paired"]["metrics"]["fp_per_negative_image"]
+    assert paired["differences"] == pytest.approx({"0": -0.25, "1": -0.25, "2": 0.0}) and paired["n"] == 3
+    assert "| ohem - stock | FP / held-out negative image | 3 | 0: -0.250, 1: -0.250, 2: +0.000 | -0.167 |" in table
 
 
 def test_the_reference_arm_can_be_chosen(lookalike_experiment):

@@ -163,3 +163,40 @@ def test_retinanet_arms_train_evaluate_and_report_from_the_runner(tmp_path):
         assert "AP" in json.loads((out / arm / "seed_0" / "eval_results.json").read_text())["bbox"]
     assert results["arms"]["retinanet_ohem"]["mean"]["ohem/fg_fraction_mined"] is not None
     assert results["arms"]["retinanet_focal"]["mean"]["ohem/fg_fraction_mined"] is None
+
+
+def test_negative_pools_and_the_bootstrap_arm_from_the_runner(tmp_path):
+    """--synthetic-negatives: every arm trains on the pool (the bootstrap arm mines it with
+    tools/bootstrap.py), and each run's false positives per held-out negative image are reported."""
+    out = tmp_path / "exp"
+    done = run_tool("run_experiment.py", "--output", out, "--data-root", tmp_path / "data", "--parallel", 2,
+                    "--arms", "stock", "bootstrap", "--synthetic-negatives", 6,
+                    "--bootstrap-opts", "--rounds 1 --initial-negatives 2 --budget 2 --score-thresh 0.05 --drop-thresh 0.01",
+                    *TINY_RUN)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["experiment"]["negative_pools"]) == {"negatives_train", "negatives_held_out"}
+    stock_argv = json.loads((out / "stock" / "seed_0" / "run.json").read_text())["argv"]
+    assert stock_argv[stock_argv.index("DATASETS.TRAIN") + 1] == "('synthetic_train', 'negatives_train')"
+    boot_argv = json.loads((out / "bootstrap" / "seed_0" / "run.json").read_text())["argv"]
+    assert "DATASETS.TRAIN" not in boot_argv and boot_argv[boot_argv.index("--pool") + 1] == "negatives_train"
+    state = json.loads((out / "bootstrap" / "seed_0" / "bootstrap.json").read_text())
+    assert state["done"] and len(state["rounds"][0]["negatives"]) == 2
+    for arm in ("stock", "bootstrap"):
+        held_out = json.loads((out / arm / "seed_0" / "held_out_negatives.json").read_text())
+        assert held_out["images"] == 6 and held_out["score_threshold"] == 0.5
+        assert results["arms"][arm]["mean"]["fp_per_negative_image"] == held_out["false_positives_per_image"]
+    assert "FP / held-out negative image" in (out / "results.md").read_text()
+
+
+def test_the_bootstrap_arm_without_a_pool_is_one_line(tmp_path):
+    done = run_tool("run_experiment.py", "--output", tmp_path / "exp", "--data-root", tmp_path / "data",
+                    "--arms", "stock", "bootstrap", *TINY_RUN)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("error: the bootstrap arm mines a negative pool: give one with "
+                                                    "--negatives DIR (or --synthetic-negatives N)")
+    done = run_tool("run_experiment.py", "--output", tmp_path / "exp", "--data-root", tmp_path / "data",
+                    "--arms", "stock", "bootstrap", "--synthetic-negatives", 4, "--bootstrap-opts", "--drop-thresh 0.9",
+                    *TINY_RUN)
+    assert done.stderr.strip().splitlines()[-1] == "error: --drop-thresh 0.9: expected a score in [0, --score-thresh 0.5)"
+    assert not (tmp_path / "exp" / "stock").exists()  # nothing started

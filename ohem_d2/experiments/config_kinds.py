@@ -5,10 +5,11 @@ An experiment is one base config turned into each arm; the two systems differ on
 command line says the device, the seed, the output folder and the arm, and where the built config
 keeps its schedule and datasets.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
-from ..arms import arm_overrides
+from ..arms import BOOTSTRAP_ARMS, arm_overrides
+from ..engine.bootstrap import argument_parser as bootstrap_argument_parser
 from ..engine.defaults import build_config, training_argument_parser
 from ..engine.lazy import build_lazy_config, dataset_names, lazy_argument_parser
 
@@ -70,6 +71,17 @@ LAZY = ConfigKind(
 )
 
 
+# A yacs arm that bootstraps over a negative pool (ohem_d2.arms.BOOTSTRAP_ARMS): tools/bootstrap.py,
+# whose options are train_net.py's plus the rounds'.
+BOOTSTRAP = replace(YACS, tool="bootstrap.py", argument_parser=bootstrap_argument_parser)
+
+
 def config_kind(config_file):
     """LAZY for a ``.py`` config, YACS otherwise."""
     return LAZY if str(config_file).endswith(".py") else YACS
+
+
+def arm_kind(kind, arm):
+    """How ``arm`` of an experiment of config ``kind`` runs: BOOTSTRAP for a bootstrapping arm of a
+    yacs experiment, else ``kind``."""
+    return BOOTSTRAP if kind is YACS and arm in BOOTSTRAP_ARMS else kind

@@ -26,9 +26,15 @@ from .paired import BETTER, CONFIDENCE, NO_DIFFERENCE, NO_PAIRS, ONE_SEED, WORSE
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 FP_KEY = "fp_lookalikes_per_image"  # false positives on look-alikes per test image
 FP_LABEL = "FP on look-alikes / image"
+# False positives per image of the held-out negative pool, from each run's NEGATIVES_FILE
+# (experiments/negative_pools.py writes it).
+NEGATIVES_FILE = "held_out_negatives.json"
+NEGATIVES_KEY = "fp_per_negative_image"
+NEGATIVES_LABEL = "FP / held-out negative image"
 # The metrics compared paired against the reference arm, and how many decimals they are shown with.
-PAIRED_DIGITS = OrderedDict([("AP", 2), ("AP50", 2), ("AP75", 2), (FP_KEY, 3)])
-LOWER_IS_BETTER = {FP_KEY}
+PAIRED_DIGITS = OrderedDict([("AP", 2), ("AP50", 2), ("AP75", 2), (FP_KEY, 3), (NEGATIVES_KEY, 3)])
+LOWER_IS_BETTER = {FP_KEY, NEGATIVES_KEY}
+LABELS = {FP_KEY: FP_LABEL, NEGATIVES_KEY: NEGATIVES_LABEL}
 # Mining diagnostics shown in the table and plots, with their labels.
 DIAGNOSTICS = OrderedDict(
     [
@@ -170,7 +176,14 @@ def summarize_run(run_dir, read_test_set=read_json, score_threshold=SCORE_THRESH
         "peak_gpu_mem_mb": max(peaks) if peaks else None,
         "wall_time_s": run.get("wall_time_s"),
         "lookalikes": summarize_lookalikes(run_dir, read_test_set, score_threshold),
+        "negatives": held_out_negatives(run_dir),
     }
+
+
+def held_out_negatives(run_dir):
+    """The run's false positives per held-out negative image, None where it was not scored."""
+    path = os.path.join(run_dir, NEGATIVES_FILE)
+    return read_json(path)["false_positives_per_image"] if os.path.isfile(path) else None
 
 
 def mean_std(values):
@@ -181,7 +194,10 @@ def mean_std(values):
 
 
 def paired_value(run, key):
-    """A run's value of a paired metric: an AP metric, or its look-alike false positives per image."""
+    """A run's value of a paired metric: an AP metric, its look-alike false positives per image, or
+    its false positives per held-out negative image."""
+    if key == NEGATIVES_KEY:
+        return run["negatives"]
     return run["lookalikes"].get("per_image") if key == FP_KEY else run["metrics"].get(key)
 
 
@@ -226,6 +242,7 @@ def summarize_arm(runs):
     scalars = {k: [r["metrics"].get(k) for r in seeds] for k in AP_KEYS}
     scalars.update({k: [r[k] for r in seeds] for k in ("s_per_iter", "peak_gpu_mem_mb", "wall_time_s")})
     scalars[FP_KEY] = [r["lookalikes"].get("per_image") for r in seeds]
+    scalars[NEGATIVES_KEY] = [r["negatives"] for r in seeds]
     diagnostics = sorted(set(DIAGNOSTICS) | {k for r in seeds for k in r["diagnostics"]})
     scalars.update({k: [_tail_mean(r["diagnostics"].get(k)) for r in seeds] for k in diagnostics})
     classes = _class_order(r["per_class_ap"] for r in seeds)
@@ -258,13 +275,17 @@ def markdown_table(results):
 def _ap_table(results):
     """Absolute numbers per arm: mean ± std over seeds."""
     arms = results["arms"]
+    negatives = any(arm["mean"][NEGATIVES_KEY] is not None for arm in arms.values())  # a held-out pool scored
     lines = [
-        "| arm | seeds | " + " | ".join(AP_KEYS) + f" | {FP_LABEL} | s/iter | peak GPU mem (MiB) | wall time (min) |",
-        "|---" * (len(AP_KEYS) + 6) + "|",
+        "| arm | seeds | " + " | ".join(AP_KEYS) + f" | {FP_LABEL} | " + (f"{NEGATIVES_LABEL} | " if negatives else "")
+        + "s/iter | peak GPU mem (MiB) | wall time (min) |",
+        "|---" * (len(AP_KEYS) + 6 + negatives) + "|",
     ]
     for name, arm in arms.items():
         m, s, n = arm["mean"], arm["std"], len(arm["seeds"])
         cells = [_fmt(m[k], s[k], 1, n) for k in AP_KEYS] + [_fmt(m[FP_KEY], s[FP_KEY], 3, n)]
+        if negatives:
+            cells.append(_fmt(m[NEGATIVES_KEY], s[NEGATIVES_KEY], 3, n))
         cells += [_fmt(m["s_per_iter"], s["s_per_iter"], 3, n), _fmt(m["peak_gpu_mem_mb"], None, 0),
                   _fmt(None if m["wall_time_s"] is None else m["wall_time_s"] / 60, None, 1)]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
@@ -314,7 +335,7 @@ def _paired_row(label, key, paired):
     mean = "n/a" if paired["mean"] is None else f"{paired['mean']:+.{digits}f}"
     interval = ("n/a" if paired["ci_low"] is None
                 else f"[{paired['ci_low']:+.{digits}f}, {paired['ci_high']:+.{digits}f}]")
-    metric = FP_LABEL if key == FP_KEY else key
+    metric = LABELS.get(key, key)
     return f"| {label} | {metric} | {paired['n']} | {per_seed} | {mean} | {interval} | {paired['verdict']} |"
 
 
@@ -521,7 +542,8 @@ def write_report(experiment, run_dirs, out_dir, reference=None, score_threshold=
     for arm, seeds in runs.items():
         results["arms"][arm]["paired"] = {"reference": reference, "metrics": paired[arm]} if arm in paired else None
         results["arms"][arm]["runs"] = {str(s): {k: r[k] for k in ("metrics", "per_class_ap", "s_per_iter",
-                                                                   "peak_gpu_mem_mb", "wall_time_s", "lookalikes")}
+                                                                   "peak_gpu_mem_mb", "wall_time_s", "lookalikes",
+                                                                   "negatives")}
                                         for s, r in seeds.items()}
     table = markdown_table(results)
     with open(os.path.join(out_dir, "results.json"), "w") as f:

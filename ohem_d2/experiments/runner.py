@@ -19,13 +19,16 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..arms import ARMS, DEFAULT_ARMS, UnknownArmError, describe
+from ..arms import ARMS, BOOTSTRAP_ARMS, DEFAULT_ARMS, UnknownArmError, describe
+from ..data.bootstrapping import BootstrapError
 from ..data.synthetic import SyntheticDatasetError, generate_synthetic_dataset
+from ..engine.bootstrap import settings_of as bootstrap_settings
 from ..engine.lazy import LAZY_USER_ERRORS
 from . import slurm
-from .config_kinds import YACS, config_kind
+from .config_kinds import YACS, arm_kind, config_kind
 from .mining_pictures import USER_ERRORS as PICTURE_ERRORS
 from .mining_pictures import write_mining_pictures
+from .negative_pools import HELD_OUT_POOL, TRAIN_POOL, held_out_false_positives, synthetic_negatives
 from .report import SCORE_THRESHOLD, choose_reference, write_report
 from .run_state import last_iteration, run_state, write_run_state
 
@@ -41,7 +44,8 @@ class ExperimentError(Exception):
 
 
 # Bad input of an experiment, reported as one line by tools/run_experiment.py.
-USER_ERRORS = (ExperimentError, slurm.SlurmError, UnknownArmError, SyntheticDatasetError, *LAZY_USER_ERRORS)
+USER_ERRORS = (ExperimentError, slurm.SlurmError, UnknownArmError, SyntheticDatasetError, BootstrapError,
+               *LAZY_USER_ERRORS)
 
 
 def argument_parser(description=None):
@@ -73,6 +77,17 @@ def argument_parser(description=None):
                    help="a generator setting of the embedded dataset (repeatable), e.g. "
                         "--synthetic num_train=2000 --synthetic image_size=256; with --config-file it "
                         "generates and registers synthetic_train/synthetic_val for that config too")
+    p.add_argument("--negatives", metavar="DIR",
+                   help="a negative pool (background images without objects, or a list file of them): every arm "
+                        "trains on it as images without GT, except the bootstrap arm, which mines it round by round")
+    p.add_argument("--held-out-negatives", metavar="DIR",
+                   help="a negative pool no arm trains on: each run's false positives per image on it "
+                        "(score >= --fp-score-threshold) are in the report")
+    p.add_argument("--synthetic-negatives", type=int, default=0, metavar="N",
+                   help="generate N pool and N held-out images of the embedded dataset's look-alikes and clutter, "
+                        "without objects, as --negatives and --held-out-negatives")
+    p.add_argument("--bootstrap-opts", default="", metavar="'OPTIONS'",
+                   help="options of tools/bootstrap.py for the bootstrap arm, e.g. '--rounds 3 --budget 50'")
     p.add_argument("--data-root", default=os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "ohem_synthetic"),
                    help="where the embedded dataset is written")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs")
@@ -100,6 +115,21 @@ def synthetic_registration(args):
     return [["synthetic_train", ds.train_json, ds.train_images], ["synthetic_val", ds.val_json, ds.val_images]], ds
 
 
+def negative_pools(args, synthetic):
+    """{dataset name: folder} of the experiment's negative pools (TRAIN_POOL, HELD_OUT_POOL): the
+    given folders, or the ones generated beside the embedded dataset."""
+    pools = {}
+    if args.synthetic_negatives:
+        if synthetic is None:
+            raise ExperimentError("--synthetic-negatives draws the embedded dataset's look-alikes: it needs the "
+                                  "embedded dataset (no --config-file, or --synthetic KEY=VALUE)")
+        pools = synthetic_negatives(args.data_root + "_negatives", synthetic.settings, args.synthetic_negatives)
+    for name, folder in ((TRAIN_POOL, args.negatives), (HELD_OUT_POOL, args.held_out_negatives)):
+        if folder:
+            pools[name] = os.path.abspath(folder)
+    return pools
+
+
 def processes_per_run(args):
     """Training processes of each run: one per GPU, or per gloo worker on the CPU."""
     return max(args.num_gpus, 1)
@@ -119,6 +149,10 @@ def plan_runs(args):
     if not args.config_file or args.synthetic:  # the embedded dataset, at the requested settings
         entries, synthetic = synthetic_registration(args)
         register_coco += entries
+    pools = negative_pools(args, synthetic)
+    if any(arm in BOOTSTRAP_ARMS for arm in args.arms) and TRAIN_POOL not in pools:
+        raise ExperimentError("the bootstrap arm mines a negative pool: give one with --negatives DIR (or "
+                              "--synthetic-negatives N)")
     common = ["--config-file", config, "--num-gpus", str(processes_per_run(args))]
     opts = list(args.opts)
     if kind.device_of(opts) is None:  # train where this machine can: the GPU if there is one
@@ -127,17 +161,34 @@ def plan_runs(args):
         common += ["--register-coco", *entry]
     for entry in register_voc:
         common += ["--register-voc", *entry]
+    for name, folder in pools.items():
+        common += ["--register-negatives", name, folder]
     base = kind.build_config(kind.argument_parser().parse_args(common + opts))
+    # Every arm but the bootstrap arms trains on the pool as well (the bootstrap arms mine it).
+    with_pool = kind.schedule(base)["train"] + [TRAIN_POOL] if TRAIN_POOL in pools else None
     output = os.path.abspath(args.output or os.path.join("output", "experiment_" + os.path.splitext(os.path.basename(config))[0]))
     runs, arms = {}, {}
     for arm in args.arms:
-        flags, overrides = kind.arm_args(arm, base)
+        run_kind = arm_kind(kind, arm)
+        if arm in BOOTSTRAP_ARMS and run_kind is kind:
+            raise ExperimentError(f"arm {arm!r} trains with tools/bootstrap.py, from a yacs (.yaml) base config")
+        flags, overrides = run_kind.arm_args(arm, base)
+        if arm in BOOTSTRAP_ARMS:
+            flags = ["--pool", TRAIN_POOL] + shlex.split(args.bootstrap_opts) + flags
+        elif with_pool:
+            overrides = overrides + ["DATASETS.TRAIN", str(tuple(with_pool))]
         arms[arm] = {"description": describe(arm), "overrides": flags + overrides}
         for seed in args.seeds:
             run_dir = os.path.join(output, arm, f"seed_{seed}")
-            argv = common + flags + opts + overrides + kind.run_opts(seed, run_dir)
+            argv = common + flags + opts + overrides + run_kind.run_opts(seed, run_dir)
             # Every arm's config is valid; its datasets are the base's, checked once above.
-            kind.build_config(kind.argument_parser().parse_args(argv), check=False)
+            try:
+                parsed = run_kind.argument_parser().parse_args(argv)
+            except SystemExit:  # argparse has printed why (a bad --bootstrap-opts)
+                raise ExperimentError(f"bad --bootstrap-opts {args.bootstrap_opts!r} (see above)") from None
+            run_kind.build_config(parsed, check=False)
+            if arm in BOOTSTRAP_ARMS:
+                bootstrap_settings(parsed)  # its thresholds and counts, checked before any run starts
             runs[(arm, seed)] = (run_dir, argv)
     experiment = {
         "base_config": config,
@@ -147,6 +198,7 @@ def plan_runs(args):
         "device": kind.device_of(opts),
         **kind.schedule(base),
         "synthetic_dataset": synthetic.settings if synthetic else None,
+        "negative_pools": pools,
     }
     return output, runs, experiment
 
@@ -355,7 +407,8 @@ def mining_pictures(run_dirs, out_dir, num_images=3):
 def paths_read(argv, output):
     """The files and folders a run's command reads or writes: its config, its datasets, its output."""
     paths = [output]
-    for flag, positions in (("--config-file", (1,)), ("--register-coco", (2, 3)), ("--register-voc", (2,))):
+    for flag, positions in (("--config-file", (1,)), ("--register-coco", (2, 3)), ("--register-voc", (2,)),
+                            ("--register-negatives", (2,))):
         paths += [argv[i + k] for i, word in enumerate(argv) if word == flag for k in positions]
     return paths
 
@@ -396,7 +449,7 @@ def run_experiment(args):
         check_same_settings(run_dir, run_argv)
     os.makedirs(output, exist_ok=True)
     kind = config_kind(experiment["base_config"])
-    runs = [Run(arm, seed, d, a, experiment["max_iter"], kind) for (arm, seed), (d, a) in planned.items()]
+    runs = [Run(arm, seed, d, a, experiment["max_iter"], arm_kind(kind, arm)) for (arm, seed), (d, a) in planned.items()]
     if args.status:
         return output, "\n".join(slurm.status_lines(runs, experiment["max_iter"])), []
     device = experiment["device"].split(":")[0]
@@ -414,6 +467,10 @@ def run_experiment(args):
     run_dirs = {}
     for r in runs:
         run_dirs.setdefault(r.arm, {})[r.seed] = r.run_dir
+    held_out = experiment["negative_pools"].get(HELD_OUT_POOL)
+    if held_out:
+        for r in runs:
+            held_out_false_positives(r.run_dir, held_out, args.fp_score_threshold)
     _, table, plots = write_report(experiment, run_dirs, output, reference=args.reference,
                                    score_threshold=args.fp_score_threshold)
     if kind is YACS:  # the visualiser reads yacs configs
