@@ -9,18 +9,22 @@ import pytest
 
 from conftest import REPO
 
-CONFIG_FLAGS = {"--config-file", "--register-coco", "--register-voc"}
+CONFIG_FLAGS = {"--config-file", "--register-coco", "--register-voc", "--register-negatives"}
 TRAINING_FLAGS = CONFIG_FLAGS | {"--resume", "--eval-only", "--num-gpus", "--num-machines", "--machine-rank",
                                  "--dist-url"}
 FLAGS = {
     "check_datasets.py": CONFIG_FLAGS,
     "visualize_mining.py": CONFIG_FLAGS | {"--weights", "--dataset", "--num-images", "--max-rois", "--output"},
     "train_net.py": TRAINING_FLAGS,
+    "bootstrap.py": TRAINING_FLAGS | {"--pool", "--held-out-pool", "--rounds", "--initial-negatives", "--budget",
+                                      "--max-negatives", "--score-thresh", "--drop-thresh", "--hard-positives",
+                                      "--from-scratch", "--bootstrap-seed"},
     "lazyconfig_train_net.py": TRAINING_FLAGS | {"--arm", "--sizes-from-images"},
     "benchmark.py": {"--suite", "--arms", "--heads", "--precisions", "--iters", "--warmup", "--block", "--device",
                      "--threads", "--images", "--annotations", "--seed", "--out", "--image-size"},
     "run_experiment.py": {"--config-file", "--arms", "--reference", "--fp-score-threshold", "--seeds", "--output",
                           "--num-gpus", "--parallel", "--register-coco", "--register-voc", "--synthetic",
+                          "--negatives", "--held-out-negatives", "--synthetic-negatives", "--bootstrap-opts",
                           "--data-root", "--report-only", "--launcher", "--status", "--partition", "--account",
                           "--qos", "--time", "--nodes", "--gpus-per-node", "--cpus-per-task", "--mem", "--constraint",
                           "--comment", "--max-in-flight", "--checkpoint-period"},

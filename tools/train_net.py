@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train and evaluate any ohem_d2 (or stock Detectron2) yacs config: Detectron2's train_net.py
 plus the MODEL.OHEM keys and heads, datasets registered from the command line (--register-coco,
---register-voc) or the config (DATASETS.REGISTER_*), a check of config and datasets that stops bad
+--register-voc, --register-negatives) or the config (DATASETS.REGISTER_*), a check of config and datasets that stops bad
 input before any process is spawned, DDP on the CPU (gloo) as well as GPUs, the peak GPU memory in
 metrics.json and the final evaluation in OUTPUT_DIR/eval_results.json.
 
