@@ -136,3 +136,21 @@ def test_bad_hard_image_settings_are_one_line(synthetic, tmp_path):
                      "MODEL.ROI_HEADS.NUM_CLASSES", 3, "OUTPUT_DIR", tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "error: DATALOADER.HARD_IMAGES.FLOOR = 1.5 is invalid: expected a fraction in [0, 1]" in done.stderr
+
+
+def test_two_gloo_processes_with_two_loader_workers_each_feed_every_ranks_images_back(tmp_path):
+    """2 training processes (gloo on the CPU), each drawing in 2 loader workers: after 3 steps of 2
+    images per rank, the running losses hold the reports of both ranks: more images were credited
+    than one rank's 6 draws can name, and the state saved is the one both ranks kept."""
+    data = generate_synthetic_dataset(tmp_path / "data", num_train=24, num_val=2, image_size=64)
+    out = tmp_path / "run"
+    done = train_net("--num-gpus", 2, "--config-file", CONFIGS / FPN_OHEM, "--register-coco", "t_hard_ddp",
+                     data.train_json, data.train_images, *TINY, "DATASETS.TRAIN", "('t_hard_ddp',)", "DATASETS.TEST",
+                     "()", "DATALOADER.SAMPLER_TRAIN", "HardImageTrainingSampler", "DATALOADER.NUM_WORKERS", 2,
+                     "SOLVER.IMS_PER_BATCH", 4, "SOLVER.WARMUP_ITERS", 0, "SOLVER.MAX_ITER", 3, "SEED", 7,
+                     "SOLVER.BASE_LR", 0.001, "MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN",
+                     "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.BACKBONE.FREEZE_AT", 0, "OUTPUT_DIR", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = torch.load(out / "model_final.pth", weights_only=False)["trainer"]["hooks"]["HardImageFeedback"]["losses"]
+    credited = int((~torch.isclose(losses, torch.ones(24))).sum())
+    assert 6 < credited <= 12, credited
