@@ -189,3 +189,5 @@ def test_bad_inputs_stop_before_round_zero_with_one_message(data, tmp_path):
         (overlap / name).write_bytes((data / "pos" / "train" / name).read_bytes())
     assert "2 of its 2 images are also training positives" in one_line_error(data, tmp_path, pool=overlap)
     assert "--pool 'nothing' is not a registered negative pool" in one_line_error(data, tmp_path, "--pool", "nothing")
+    assert "pool 'boot_held': 4 of its images are also in --pool 'boot_pool_too'" in one_line_error(
+        data, tmp_path, "--register-negatives", "boot_pool_too", str(data / "neg" / "val"), "--pool", "boot_pool_too")

@@ -31,7 +31,8 @@ from detectron2.utils.env import seed_all_rng
 
 from ..data.bootstrapping import BootstrapError, BootstrapSettings, Score, initial_negatives, next_round, score_image
 from ..data.datasets import DatasetError, register_negatives
-from ..data.negatives import SOURCE_KEY, is_pool, judge_pool, pool_files
+from ..data.negatives import SOURCE_KEY, is_pool, judge_pool, pool_files, shared_images
+from ..data.scan import listed
 from .defaults import USER_ERRORS, Trainer, build_config, training_argument_parser, write_eval_results
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,12 @@ def check(args, cfg, settings):
     stops = []
     for name in filter(None, (args.pool, args.held_out_pool)):
         stops += [f"pool {name!r}: {message}" for message in judge_pool(name, positives)[0]]
+    if args.held_out_pool and not stops:
+        shared = shared_images(pool_files(MetadataCatalog.get(args.held_out_pool).get(SOURCE_KEY)),
+                               pool_files(MetadataCatalog.get(args.pool).get(SOURCE_KEY)))
+        if shared:
+            stops.append(f"pool {args.held_out_pool!r}: {len(shared)} of its images are also in --pool {args.pool!r} "
+                         f"({listed(shared)}): a held-out pool measures images the rounds never train on; remove them")
     if stops:
         raise DatasetError("the negative pool cannot be used:\n- " + "\n- ".join(stops))
 
