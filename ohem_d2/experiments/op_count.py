@@ -17,7 +17,7 @@ every aten op of the forward, the backward and the optimizer step, and this modu
 each sync with the first frame of its stack in ohem_d2, detectron2 or torchvision (file:line).
 
 The model is the real configs' structure at the real RoI counts, slimmed so that it runs on a CPU
-in seconds: R-50 with narrow layers, 2 synthetic images of 320x480 with 4 GT boxes each,
+in seconds: R-50 with narrow layers, 2 synthetic images of 320x480 with 4 GT boxes each (and their masks for the mask head),
 POST_NMS_TOPK_TRAIN from the config (1000 per image for FPN, 2000 for C4), 512 RoIs per image.
 The counted step is the second one (iteration 1): the first initialises lazily, and the mining
 diagnostics run only on iterations the event writers log (:mod:`ohem_d2.modeling.diagnostics`).
@@ -36,12 +36,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from .benchmark import HEADS, BenchmarkError, Cycle, build_cfg, calibrate_frozen_bn, head_name
 
-OPS_HEADS = ("fpn", "c4", "retinanet")
+OPS_HEADS = ("fpn", "c4", "mask", "retinanet")
 
 # R-50's structure, narrow: what is counted is how many ops run, not how long each takes.
 SLIM_R50 = [
@@ -128,8 +128,9 @@ class OpCounter(TorchDispatchMode):
         return sum(self.syncs.values())
 
 
-def synthetic_batch(num_images=2, height=320, width=480, num_gt=4, seed=0):
-    """Detectron2 training inputs (uint8 image, GT Instances) of a fixed size, deterministic."""
+def synthetic_batch(num_images=2, height=320, width=480, num_gt=4, seed=0, masks=False):
+    """Detectron2 training inputs (uint8 image, GT Instances) of a fixed size, deterministic; with
+    ``masks``, each GT box is also a full-image bitmask filled inside the box (the mask head's targets)."""
     g = torch.Generator().manual_seed(seed)
     batch = []
     for _ in range(num_images):
@@ -138,6 +139,10 @@ def synthetic_batch(num_images=2, height=320, width=480, num_gt=4, seed=0):
         inst = Instances((height, width))
         inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
         inst.gt_classes = torch.randint(0, 80, (num_gt,), generator=g)
+        if masks:
+            ys, xs = torch.arange(height)[None, :, None], torch.arange(width)[None, None, :]
+            x0, y0, x1, y1 = (inst.gt_boxes.tensor[:, k, None, None] for k in range(4))
+            inst.gt_masks = BitMasks((xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1))
         image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
         batch.append({"image": image, "instances": inst, "height": height, "width": width})
     return batch
@@ -188,8 +193,8 @@ def count_arms(heads=OPS_HEADS, arms=None, overrides=(), image_size=(320, 480), 
     """Rows of the op table: each head's arms (those of ``arms`` it takes, its default arms if
     None) with ratios to its stock arm, which is counted first."""
     rows = []
-    batch = synthetic_batch(height=image_size[0], width=image_size[1])
     for head in heads:
+        batch = synthetic_batch(height=image_size[0], width=image_size[1], masks=head == "mask")
         spec = HEADS[head]
         head_arms = [a for a in (arms or spec.default_arms) if spec.takes(a) and a != spec.stock_arm]
         stock = None
