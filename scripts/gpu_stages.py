@@ -292,7 +292,7 @@ def ops_parts(toy):
                           "--iters", "1", "--warmup", "0", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128"])]
     return [("counts", ["--suite", "ops", "--device", "cuda", "--arms", "stock,ohem"]),
             ("time", ["--suite", "gpu", "--heads", "fpn,c4", "--arms", "stock,ohem",
-                      "--precisions", "fp32,amp,fp32_bf16ro", "--warmup", "5", "--iters", "20"])]
+                      "--precisions", "fp32,amp,fp32_bf16ro,fp32_bf16ro_cl", "--warmup", "5", "--iters", "20"])]
 
 
 def stage_ops(args, ledger, budget):

@@ -109,7 +109,8 @@ def test_gpu_suite_plan(bench, monkeypatch, tmp_path):
     (tmp_path / "annotations" / "instances_train2017.json").write_text("{}")
     plan = plan_of(bench, ["--suite", "gpu", "--images", str(images)])
     assert (plan.device, plan.warmup, plan.iters) == ("cuda", 10, 30)
-    assert len(plan.combos) == 14  # per head: stock/ohem/ohem_loss_zeroing x fp32/amp + ohem bf16 read-only
+    # per head: stock/ohem/ohem_loss_zeroing x fp32/amp + ohem bf16 read-only; C4: + bf16 channels_last
+    assert len(plan.combos) == 15 and ("c4", "fp32_bf16ro_cl", "ohem") in plan.combos
     for head, prec, arm in plan.combos:
         cfg = bench.build_cfg(plan, head, prec, arm)[0]
         assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.WEIGHTS == ""
@@ -119,7 +120,8 @@ def test_gpu_suite_plan(bench, monkeypatch, tmp_path):
         assert cfg.MODEL.ROI_HEADS.NAME.startswith("OHEM") == (arm != "stock")
         if arm != "stock":
             assert cfg.MODEL.OHEM.MODE == ("loss_zeroing" if arm == "ohem_loss_zeroing" else "two_pass")
-            assert cfg.MODEL.OHEM.READONLY_DTYPE == ("bfloat16" if prec == "fp32_bf16ro" else "float32")
+            assert cfg.MODEL.OHEM.READONLY_DTYPE == ("bfloat16" if prec.startswith("fp32_bf16ro") else "float32")
+            assert cfg.MODEL.OHEM.READONLY_CHANNELS_LAST == (prec == "fp32_bf16ro_cl")
 
 
 def test_mask_head_runs_alone_on_mask_annotations_with_bitmask_targets(bench, monkeypatch, tmp_path, capsys):
@@ -227,8 +229,9 @@ def test_each_arm_config_equals_what_the_benchmark_measured_before(bench, monkey
     for name in ("instances_train2017.json", "instances_train2017_segm.json"):
         (tmp_path / "annotations" / name).write_text("{}")
     plan = plan_of(bench, ["--suite", "gpu", "--heads", head, "--images", str(images)])
-    assert len(plan.combos) == 7
-    for _, prec, arm in plan.combos:
+    before = [c for c in plan.combos if c[1] != "fp32_bf16ro_cl"]  # the precisions the frozen copy knew
+    assert len(before) == 7 and len(plan.combos) == 7 + (head == "c4")
+    for _, prec, arm in before:
         assert bench.build_cfg(plan, head, prec, arm)[0].dump() == frozen_benchmark_cfg(plan, head, prec, arm).dump()
 
 
@@ -280,3 +283,14 @@ def test_op_counts_of_retinanet_arms_are_against_retinanet_focal(tmp_path):
     assert rows[0]["op_ratio"] == 1.0 and rows[1]["op_ratio"] == rows[1]["ops"] / rows[0]["ops"]
     assert rows[1]["sync_delta"] == rows[1]["syncs"] - rows[0]["syncs"] > 0
     assert any("anchor_mining.py" in s["where"] for s in rows[1]["sync_sites"])
+
+
+def test_readonly_suite_counts_how_often_a_faster_read_only_pass_selects_other_rois():
+    from ohem_d2.experiments.readonly_agreement import VARIANTS, agreement, format_table
+
+    rows = agreement("fpn", num_batches=1, image_size=(64, 96), overrides=["MODEL.OHEM.BATCH_SIZE_PER_IMAGE", 8])
+    assert [r["variant"] for r in rows] == list(VARIANTS)
+    assert rows[0]["shared_with_fp32"] == 1.0 and rows[0]["identical_batches"] == 1  # fp32 against itself
+    assert all(0.0 <= r["shared_with_fp32"] <= 1.0 and r["selected_per_image"] <= 8 < r["candidates_per_image"]
+               for r in rows)
+    assert "| bf16 | R50-FPN | 1 | 8 / " in format_table(rows)

@@ -70,3 +70,63 @@ def test_under_amp_the_read_only_pass_follows_autocast(heads):
     assert set(dtypes) == {torch.bfloat16}
     assert hamp.dtype == torch.float32 and torch.isfinite(hamp).all()
     assert_same_selection_up_to_ties(h32, s32, samp)
+
+
+def c4_heads(opts=()):
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.roi_heads import build_roi_heads
+
+    from conftest import C4_OHEM, load_cfg
+
+    torch.manual_seed(0)
+    cfg = load_cfg(C4_OHEM, ["MODEL.OHEM.BATCH_SIZE_PER_IMAGE", B, "MODEL.OHEM.NMS_THRESH", 1.0, *opts])
+    return build_roi_heads(cfg, {"res4": ShapeSpec(channels=256, stride=16)}).to(device()).train()
+
+
+def mine_c4(heads):
+    """The C4 heads' training step: (hardness, selected, [(res5 input shape, channels_last) of each
+    read-only call])."""
+    captured, calls = {}, []
+    select = heads.select
+
+    def capture(hardness, proposals):
+        captured["hardness"] = hardness
+        out = select(hardness, proposals)
+        captured["selected"] = out[0]
+        return out
+
+    heads.select = capture
+    hook = heads.res5.register_forward_pre_hook(lambda m, i: calls.append(
+        (tuple(i[0].shape), i[0].is_contiguous(memory_format=torch.channels_last))) if not torch.is_grad_enabled()
+        else None)
+    targets = [instances((64, 64), None, gt_boxes=[[5, 5, 30, 30], [30, 20, 60, 50]], gt_classes=[1, 7])] * 2
+    g = torch.Generator().manual_seed(1)
+    with EventStorage():
+        _, losses = heads(None, {"res4": torch.randn(2, 256, 4, 4, generator=g).to(device())},
+                          random_proposals(num=50), targets)
+    hook.remove()
+    heads.select = select
+    sum(losses.values()).backward()  # the trainable pass is unaffected by the option
+    return captured["hardness"], captured["selected"], calls
+
+
+def test_fixed_shapes_pad_every_chunk_and_run_res5_in_channels_last_in_the_read_only_pass_only():
+    chunk = ["MODEL.OHEM.READONLY_CHUNK_SIZE", 16]
+    h_ref, s_ref, calls_ref = mine_c4(c4_heads(chunk))
+    h_fix, s_fix, calls_fix = mine_c4(c4_heads(chunk + ["MODEL.OHEM.READONLY_CHANNELS_LAST", True]))
+    # 52 RoIs per image (50 proposals + 2 GT): chunks of 16, 16, 16 and 4; padded, all of 16.
+    assert [shape[0] for shape, _ in calls_ref] == [16, 16, 16, 4] * 2 and not any(cl for _, cl in calls_ref)
+    assert {shape[0] for shape, _ in calls_fix} == {16} and len(calls_fix) == 8 and all(cl for _, cl in calls_fix)
+    assert h_fix.shape == h_ref.shape  # the padding rows are dropped
+    torch.testing.assert_close(h_fix, h_ref, rtol=1e-4, atol=1e-5)  # fp32: the layout changes rounding only
+    assert_same_selection_up_to_ties(h_ref, s_ref, s_fix)
+
+
+def test_fixed_shapes_need_chunks():
+    from ohem_d2.modeling.settings import OHEMConfigError, OHEMSettings
+
+    with pytest.raises(OHEMConfigError, match=r"MODEL\.OHEM\.READONLY_CHANNELS_LAST = True is invalid: expected "
+                                              "False with READONLY_CHUNK_SIZE 0"):
+        OHEMSettings(readonly_channels_last=True, readonly_chunk_size=0)
+    with pytest.raises(OHEMConfigError, match=r"READONLY_CHANNELS_LAST = 'yes' is invalid"):
+        OHEMSettings(readonly_channels_last="yes")

@@ -100,6 +100,7 @@ class Precision:
     label: str
     amp_dtype: object = None  # torch dtype of SOLVER.AMP's autocast, None for fp32
     readonly_dtype: str = "float32"  # MODEL.OHEM.READONLY_DTYPE
+    readonly_channels_last: bool = False  # MODEL.OHEM.READONLY_CHANNELS_LAST
     reference: str = ""  # precision whose stock arm is the baseline ("" = itself)
     readonly_only: bool = False  # applies only to arms with a read-only pass (has_readonly_pass)
 
@@ -112,12 +113,17 @@ PRECISIONS = {
     # fp32 training, OHEM's read-only pass in bf16: only two-pass arms have a read-only pass.
     "fp32_bf16ro": Precision("fp32 + bf16 read-only", readonly_dtype="bfloat16", reference="fp32",
                              readonly_only=True),
+    # ... and in fixed shapes, C4's res5 in channels_last (MODEL.OHEM.READONLY_CHANNELS_LAST).
+    "fp32_bf16ro_cl": Precision("fp32 + bf16 channels_last read-only", readonly_dtype="bfloat16",
+                                readonly_channels_last=True, reference="fp32", readonly_only=True),
 }
 
 SUITES = {
     "gpu": dict(
         device="cuda", warmup=10, iters=30, block=5, threads=None,
-        heads=["fpn", "c4"], precisions=["fp32", "amp", "fp32_bf16ro"],
+        heads=["fpn", "c4"], precisions=["fp32", "amp", "fp32_bf16ro", "fp32_bf16ro_cl"],
+        # channels_last only changes C4's res5 (the FPN heads' box head has no convolution).
+        skip_by_default=[("fpn", "fp32_bf16ro_cl"), ("mask", "fp32_bf16ro_cl")],
         overrides=[
             "MODEL.WEIGHTS", "",
             "SOLVER.IMS_PER_BATCH", 2,
@@ -129,10 +135,10 @@ SUITES = {
         # One intra-op thread: on a small shared machine, OpenMP threads spinning at barriers while
         # other processes hold the cores made steps 10x slower and erratic with 2 threads.
         device="cpu", warmup=1, iters=3, block=1, threads=1,
-        heads=["fpn", "c4"], precisions=["fp32", "fp32_bf16ro"],
+        heads=["fpn", "c4"], precisions=["fp32", "fp32_bf16ro", "fp32_bf16ro_cl"],
         # bf16 convolutions on a CPU without bf16 units are ~10x slower than fp32: C4's res5
         # read-only pass in bf16 would dominate the run, so it runs only when asked for.
-        skip_by_default=[("c4", "fp32_bf16ro")],
+        skip_by_default=[("c4", "fp32_bf16ro"), ("fpn", "fp32_bf16ro_cl"), ("c4", "fp32_bf16ro_cl")],
         overrides=[
             "MODEL.WEIGHTS", "",
             "MODEL.RESNETS.DEPTH", 18,
@@ -180,10 +186,12 @@ def argument_parser(description=None):
             "MODEL.OHEM.READONLY_CHUNK_SIZE 0"
         ),
     )
-    parser.add_argument("--suite", choices=sorted(SUITES) + ["ops"], default="cpu",
+    parser.add_argument("--suite", choices=sorted(SUITES) + ["ops", "readonly"], default="cpu",
                         help="preset sizes and defaults: gpu = the real R50 measurement (CUDA), "
                              "cpu = smoke-size run, ops = count one step's aten ops and host syncs "
-                             "on the CPU (ohem_d2.experiments.op_count; --out gets ops.json) (default: cpu)")
+                             "on the CPU (ohem_d2.experiments.op_count; --out gets ops.json), readonly = how "
+                             "often a bf16 / fixed-shape read-only pass selects other RoIs than fp32, on "
+                             "--iters random batches (ohem_d2.experiments.readonly_agreement) (default: cpu)")
     parser.add_argument("--arms", help="comma-separated arms among " + ",".join(ARMS)
                         + "; each model runs those of its meta-architecture, and its stock arm, every "
                         "ratio's reference (default: " + ",".join(RCNN_ARMS) + " on the R-CNNs, "
@@ -206,7 +214,7 @@ def argument_parser(description=None):
                              "IMAGES/../annotations/instances_<folder name>.json; with --heads mask, "
                              "instances_<folder name>_segm.json)")
     parser.add_argument("--image-size", default="320x480",
-                        help="HxW of the synthetic images of --suite ops (default: %(default)s)")
+                        help="HxW of the synthetic images of --suite ops and readonly (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and data order (default: 0)")
     parser.add_argument("--out", help="folder to write benchmark.md and benchmark.json to")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
@@ -346,7 +354,8 @@ def build_cfg(plan, head, prec, arm):
     applied += ["MODEL.DEVICE", plan.device, "SOLVER.AMP.ENABLED", p.amp_dtype is not None,
                 "DATALOADER.NUM_WORKERS", 0, *HEADS[head].overrides]
     if ARMS[arm][1] == "ohem":
-        applied += ["MODEL.OHEM.READONLY_DTYPE", p.readonly_dtype]
+        applied += ["MODEL.OHEM.READONLY_DTYPE", p.readonly_dtype,
+                    "MODEL.OHEM.READONLY_CHANNELS_LAST", p.readonly_channels_last]
     applied += plan.overrides
     try:
         cfg.merge_from_list(applied)
@@ -737,6 +746,10 @@ def run_benchmark(args, argv):
         from .op_count import run_ops_suite  # op_count builds on this module
 
         return run_ops_suite(args, argv)
+    if args.suite == "readonly":
+        from .readonly_agreement import run_readonly_suite  # builds on this module too
+
+        return run_readonly_suite(args, argv)
     try:
         plan = make_plan(args)
         if plan.threads:

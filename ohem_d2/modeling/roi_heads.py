@@ -161,7 +161,12 @@ class OHEMMixin:
         for i, p in enumerate(proposals):
             image_features = [f[i : i + 1] for f in features]
             for start in range(0, len(p), chunk):
-                parts.append(self._box_predictions(image_features, [p[start : start + chunk]], stage))
+                if self.ohem.readonly_channels_last:  # one shape: the last chunk padded with its last RoI
+                    rows = torch.arange(start, start + chunk, device=p.proposal_boxes.device).clamp(max=len(p) - 1)
+                    outputs = self._box_predictions(image_features, [p[rows]], stage)
+                    parts.append(tuple(x[: min(chunk, len(p) - start)] for x in outputs))
+                else:
+                    parts.append(self._box_predictions(image_features, [p[start : start + chunk]], stage))
         if not parts:  # no RoI in the whole batch: the predictor's empty outputs
             return self._box_predictions(features, proposals, stage)
         return tuple(torch.cat(outputs) for outputs in zip(*parts))
@@ -425,7 +430,10 @@ class OHEMRes5ROIHeads(OHEMMixin, Res5ROIHeads):
 
     def _box_predictions(self, features, proposals, stage):
         # Res5ROIHeads._shared_roi_transform with the sync-free pooling of ohem_d2.modeling.pooling.
-        box_features = self.res5(pool(self.pooler, features, [p.proposal_boxes for p in proposals]))
+        pooled = pool(self.pooler, features, [p.proposal_boxes for p in proposals])
+        if self.ohem.readonly_channels_last and not torch.is_grad_enabled():  # the read-only pass
+            pooled = pooled.contiguous(memory_format=torch.channels_last)
+        box_features = self.res5(pooled)
         return self.box_predictor(box_features.mean(dim=[2, 3]))
 
     def _mask_losses(self, features, proposals, box_features=None):

@@ -43,6 +43,12 @@ class OHEMSettings:
     # Precision of the read-only pass in fp32 training ("bfloat16"/"float16" is opt-in: it changes
     # the ranking only by rounding). Under AMP the pass follows the autocast.
     readonly_dtype: str = "float32"
+    # Fixed shapes for the read-only pass (opt-in, for C4 on GPUs): each image's last chunk is padded
+    # to READONLY_CHUNK_SIZE RoIs, so every call of the box head has one input shape and cuDNN's
+    # autotuner (CUDNN_BENCHMARK) tunes once, and C4's res5 runs in channels_last, the layout of
+    # cuDNN's tensor-core kernels (with READONLY_DTYPE "bfloat16"). Changes the ranking only by
+    # rounding (docs/PERFORMANCE.md measures how often the selection differs).
+    readonly_channels_last: bool = False
     # Record mining statistics in the EventStorage (metrics.json, TensorBoard) every 20th iteration
     # (ohem_d2.modeling.diagnostics.LOG_PERIOD).
     log_diagnostics: bool = True
@@ -139,6 +145,10 @@ def _validate(s):
            "an integer >= 1 (RoIs per chunk of the read-only pass), or 0 for no chunking")
     _check(s.readonly_dtype in READONLY_DTYPES, "MODEL.OHEM.READONLY_DTYPE", s.readonly_dtype,
            f"one of {READONLY_DTYPES}")
+    _check(isinstance(s.readonly_channels_last, bool), "MODEL.OHEM.READONLY_CHANNELS_LAST",
+           s.readonly_channels_last, "True or False")
+    _check(not s.readonly_channels_last or s.readonly_chunk_size > 0, "MODEL.OHEM.READONLY_CHANNELS_LAST",
+           s.readonly_channels_last, "False with READONLY_CHUNK_SIZE 0 (its fixed shapes are those of the chunks)")
     _check(isinstance(s.log_diagnostics, bool), "MODEL.OHEM.LOG_DIAGNOSTICS", s.log_diagnostics,
            "True or False")
     _check(isinstance(s.selection, str) and s.selection in OHEM_SELECTION_REGISTRY,
