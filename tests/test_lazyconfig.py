@@ -128,3 +128,28 @@ def test_lazy_retinanet_mining_configs_are_detectron2s_with_only_the_anchor_loss
     assert mined["model.focal_loss_gamma"] == 0.0 and mined["model.focal_loss_alpha"] == -1.0
     model = instantiate(cfg.model)
     assert isinstance(model, OHEMRetinaNet) and model.ohem.anchor_selection == selection
+
+
+def test_the_lazy_rpn_mining_config_is_the_ohem_one_with_the_rpn_mining_too():
+    import torch
+    from detectron2.utils.events import EventStorage
+
+    from ohem_d2.modeling.rpn import OHEMRPN
+    from test_cascade import targets_with_masks
+
+    ohem = flat(lazy("common/models/mask_rcnn_fpn_ohem.py").model, "model.")
+    both = flat(lazy("common/models/mask_rcnn_fpn_ohem_rpn.py").model, "model.")
+    changed = {k for k in ohem.keys() | both.keys() if ohem.get(k) != both.get(k)}
+    assert changed == {"model.proposal_generator._target_"} | {k for k in both if k.startswith("model.proposal_generator.ohem.")}
+    cfg = lazy("common/models/mask_rcnn_fpn_ohem_rpn.py")
+    cfg.model.proposal_generator.post_nms_topk = (64, 64)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    assert isinstance(model.proposal_generator, OHEMRPN)
+    # One settings node: the RoI heads resolve its batch size 0 to their own (512), the RPN has no use for it.
+    assert dataclasses.replace(model.proposal_generator.ohem, batch_size_per_image=512) == model.roi_heads.ohem
+    batch = [{"image": torch.rand(3, 96, 128) * 255, "instances": t} for t in targets_with_masks(size=(96, 128))]
+    with EventStorage() as storage:
+        losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert storage.latest()["rpn/ohem/mined_per_image"][0] == 256
