@@ -1,4 +1,5 @@
 """Low-precision read-only pass (opt-in) and AMP: rankings in fp32, selection as fp32 up to ties."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -14,10 +15,10 @@ pytestmark = pytest.mark.model
 B = 12
 
 
-def mine(heads, autocast_dtype=None):
-    """Run the heads' training step; return (hardness, selected indices, read-only output dtypes)."""
-    captured, dtypes = {}, []
-    select = heads.select
+@contextlib.contextmanager
+def capturing_selection(heads):
+    """While in it, the hardness the heads' ``select`` sees and the indices it returns, in the dict yielded."""
+    captured, select = {}, heads.select
 
     def capture(hardness, proposals):
         captured["hardness"] = hardness
@@ -26,15 +27,23 @@ def mine(heads, autocast_dtype=None):
         return out
 
     heads.select = capture
+    try:
+        yield captured
+    finally:
+        heads.select = select
+
+
+def mine(heads, autocast_dtype=None):
+    """Run the heads' training step; return (hardness, selected indices, read-only output dtypes)."""
+    dtypes = []
     hook = heads.box_head.register_forward_hook(
         lambda m, i, out: dtypes.append(out.dtype) if not torch.is_grad_enabled() else None
     )
     targets = [instances((64, 64), None, gt_boxes=[[5, 5, 30, 30], [30, 20, 60, 50]], gt_classes=[1, 7])] * 2
     context = torch.autocast(device(), dtype=autocast_dtype) if autocast_dtype else torch.autocast(device(), enabled=False)
-    with EventStorage(), context:
+    with capturing_selection(heads) as captured, EventStorage(), context:
         _, losses = heads(None, random_fpn_features(), random_proposals(num=80), targets)
     hook.remove()
-    heads.select = select
     assert all(torch.isfinite(v) for v in losses.values())
     return captured["hardness"], captured["selected"], dtypes
 
@@ -86,26 +95,16 @@ def c4_heads(opts=()):
 def mine_c4(heads):
     """The C4 heads' training step: (hardness, selected, [(res5 input shape, channels_last) of each
     read-only call])."""
-    captured, calls = {}, []
-    select = heads.select
-
-    def capture(hardness, proposals):
-        captured["hardness"] = hardness
-        out = select(hardness, proposals)
-        captured["selected"] = out[0]
-        return out
-
-    heads.select = capture
+    calls = []
     hook = heads.res5.register_forward_pre_hook(lambda m, i: calls.append(
         (tuple(i[0].shape), i[0].is_contiguous(memory_format=torch.channels_last))) if not torch.is_grad_enabled()
         else None)
     targets = [instances((64, 64), None, gt_boxes=[[5, 5, 30, 30], [30, 20, 60, 50]], gt_classes=[1, 7])] * 2
     g = torch.Generator().manual_seed(1)
-    with EventStorage():
+    with capturing_selection(heads) as captured, EventStorage():
         _, losses = heads(None, {"res4": torch.randn(2, 256, 4, 4, generator=g).to(device())},
                           random_proposals(num=50), targets)
     hook.remove()
-    heads.select = select
     sum(losses.values()).backward()  # the trainable pass is unaffected by the option
     return captured["hardness"], captured["selected"], calls
 
