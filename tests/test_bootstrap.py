@@ -51,6 +51,11 @@ def test_the_cap_limits_additions_and_stops_when_full():
     assert plan.added == [] and plan.stop == "the training set holds --max-negatives 2 negatives"
 
 
+def test_a_negative_whose_file_left_the_pool_leaves_the_training_set():
+    plan = next_round(["c", "gone"], POOL, BootstrapSettings(rounds=5), rounds_done=0)
+    assert "gone" in plan.removed and "gone" not in plan.negatives and "c" in plan.negatives
+
+
 def test_mining_stops_without_false_positives_or_after_the_last_round():
     quiet = {f: Score(min(s.max_score, 0.3), 0) for f, s in POOL.items()}
     plan = next_round(["a"], quiet, BootstrapSettings(rounds=5), rounds_done=1)
@@ -98,7 +103,7 @@ def data(tmp_path_factory):
     return root
 
 
-def command(data, out, *extra, pool=None):
+def command(data, out, *extra, pool=None, opts=()):
     return [sys.executable, str(REPO / "tools" / "bootstrap.py"),
             "--config-file", str(CONFIGS / "Synthetic-Detection" / "faster_rcnn_R_18_FPN_scratch.yaml"),
             "--register-coco", "boot_pos", str(data / "pos" / "annotations" / "train.json"), str(data / "pos" / "train"),
@@ -110,7 +115,7 @@ def command(data, out, *extra, pool=None):
             "DATASETS.TRAIN", "('boot_pos',)", "DATASETS.TEST", "('boot_val',)", "SOLVER.MAX_ITER", "6",
             "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0", "SOLVER.STEPS", "()",
             "SOLVER.CHECKPOINT_PERIOD", "2", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out),
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "INPUT.MIN_SIZE_TEST", "64"]
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "INPUT.MIN_SIZE_TEST", "64", *opts]
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -145,6 +150,16 @@ def test_two_rounds_write_every_rounds_set_scores_checkpoint_and_metrics(uninter
     assert "bootstrapping done after round 1" in done.stdout
 
 
+def test_from_scratch_every_round_trains_the_whole_schedule_and_the_last_is_the_runs_model(data):
+    out = data / "scratch"
+    done = subprocess.run(command(data, out, "--from-scratch"), capture_output=True, text=True, timeout=900, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "bootstrap.json").read_text())
+    assert [r["end_iter"] for r in state["rounds"]] == [6, 6]
+    assert (out / "bootstrap" / "round_0" / "train" / "model_final.pth").is_file()
+    assert (out / "model_final.pth").read_bytes() == (out / state["rounds"][-1]["model"]).read_bytes()
+
+
 def test_killed_between_rounds_it_resumes_to_the_same_result(uninterrupted, data):
     out = data / "killed"
     process = subprocess.Popen(command(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
@@ -169,9 +184,9 @@ def test_killed_between_rounds_it_resumes_to_the_same_result(uninterrupted, data
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
 
-def one_line_error(data, tmp_path, *extra, pool=None):
-    done = subprocess.run(command(data, tmp_path / "out", *extra, pool=pool), capture_output=True, text=True,
-                          timeout=300, env=ENV)
+def one_line_error(data, tmp_path, *extra, pool=None, opts=()):
+    done = subprocess.run(command(data, tmp_path / "out", *extra, pool=pool, opts=opts), capture_output=True,
+                          text=True, timeout=300, env=ENV)
     lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error:")]
     assert done.returncode != 0 and "Traceback" not in done.stderr and len(lines) == 1, done.stderr[-2000:]
     assert not (tmp_path / "out" / "bootstrap.json").exists()
@@ -191,3 +206,9 @@ def test_bad_inputs_stop_before_round_zero_with_one_message(data, tmp_path):
     assert "--pool 'nothing' is not a registered negative pool" in one_line_error(data, tmp_path, "--pool", "nothing")
     assert "pool 'boot_held': 4 of its images are also in --pool 'boot_pool_too'" in one_line_error(
         data, tmp_path, "--register-negatives", "boot_pool_too", str(data / "neg" / "val"), "--pool", "boot_pool_too")
+    assert "--rounds 6: the rounds share SOLVER.MAX_ITER 6 iterations" in one_line_error(data, tmp_path, "--rounds", "6")
+    assert "--score-thresh 0.2 is below the model's test score threshold 0.3" in one_line_error(
+        data, tmp_path, opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.3"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "last_checkpoint").write_text("model_0000099.pth")  # another run's output folder
+    assert "holds another run's checkpoints (last_checkpoint)" in one_line_error(data, tmp_path)

@@ -74,7 +74,7 @@ def test_a_folder_registers_as_records_without_annotations_with_the_files_sizes(
     assert [(r["width"], r["height"]) for r in records] == [(40, 30), (41, 30), (42, 30)]
     assert all(r["annotations"] == [] and r[POOL_KEY] == name for r in records)
     # A list file names the pool's images relative to its folder.
-    (tmp_path / "pool" / "list.txt").write_text("# hard ones\nbg_2.jpg\n\nbg_0.jpg\n")
+    (tmp_path / "pool" / "list.txt").write_text("# hard ones\nbg_2.jpg\n\nbg_0.jpg\nbg_2.jpg\n")  # bg_2 twice: once
     listed = register_negatives(f"t_neg_list_{tmp_path.name}", str(tmp_path / "pool" / "list.txt"))
     assert [os.path.basename(r["file_name"]) for r in DatasetCatalog.get(listed)] == ["bg_0.jpg", "bg_2.jpg"]
 
@@ -135,6 +135,10 @@ def test_a_pool_in_the_test_set_or_with_another_sampler_stops(tmp_path):
     assert "no objects to measure AP on" in line
     (line,) = stops(config([pos, pool], (), "DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler"))
     assert "drops images without annotations" in line
+    # Detectron2's own samplers keep them where nothing filters empty images.
+    assert all(pool not in w for w in check_datasets(config([pos, pool], (), "DATALOADER.SAMPLER_TRAIN",
+                                                            "RepeatFactorTrainingSampler",
+                                                            "DATALOADER.FILTER_EMPTY_ANNOTATIONS", False)))
     # A valid pool beside valid positives passes, and its class list (none) does not clash.
     assert all(pool not in warning for warning in check_datasets(config([pos, pool])))
 

@@ -200,3 +200,12 @@ def test_the_bootstrap_arm_without_a_pool_is_one_line(tmp_path):
                     *TINY_RUN)
     assert done.stderr.strip().splitlines()[-1] == "error: --drop-thresh 0.9: expected a score in [0, --score-thresh 0.5)"
     assert not (tmp_path / "exp" / "stock").exists()  # nothing started
+    (tmp_path / "empty").mkdir()
+    done = run_tool("run_experiment.py", "--output", tmp_path / "exp", "--data-root", tmp_path / "data",
+                    "--arms", "stock", "--negatives", tmp_path / "empty", *TINY_RUN)
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith(
+        f"- --negatives {tmp_path / 'empty'}: {tmp_path / 'empty'} holds no image files")
+    assert not (tmp_path / "exp" / "stock").exists()
+    done = run_tool("run_experiment.py", "--output", tmp_path / "exp", "--data-root", tmp_path / "data",
+                    "--arms", "stock", "bootstrap", "--synthetic-negatives", 4, "--num-gpus", 2, *TINY_RUN)
+    assert "error: the bootstrap arm runs in one process" in done.stderr.strip().splitlines()[-1]

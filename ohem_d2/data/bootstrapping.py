@@ -84,7 +84,8 @@ def next_round(current, scores, settings, rounds_done):
     Score} of every pool image), by the rules of the module docstring; ``rounds_done`` counts the
     mining rounds so far (0 after round 0)."""
     current = set(current)
-    removed = sorted(f for f in current if scores[f].max_score < settings.drop_thresh)
+    # A negative no longer in the pool (its file removed since) has no score: it leaves as well.
+    removed = sorted(f for f in current if f not in scores or scores[f].max_score < settings.drop_thresh)
     kept = current - set(removed)
     hard = sorted((f for f, s in scores.items() if f not in current and s.max_score >= settings.score_thresh),
                   key=lambda f: (-scores[f].max_score, -scores[f].false_positives, f))

@@ -248,9 +248,10 @@ def _judge_pool(name, cfg, train):
     if name in cfg.DATASETS.TEST:
         stops.append("it is a negative pool, in DATASETS.TEST: it has no objects to measure AP on; leave it out of "
                      "DATASETS.TEST (tools/bootstrap.py --held-out-pool NAME counts false positives per image on one)")
-    if name in train and cfg.DATALOADER.SAMPLER_TRAIN not in POOL_SAMPLERS:
+    if name in train and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and cfg.DATALOADER.SAMPLER_TRAIN not in POOL_SAMPLERS:
         stops.append(f"it is a negative pool, and DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN} is built "
-                     f"by Detectron2, which drops images without annotations; use one of {', '.join(POOL_SAMPLERS)}")
+                     "by Detectron2, which drops images without annotations (FILTER_EMPTY_ANNOTATIONS True); use one "
+                     f"of {', '.join(POOL_SAMPLERS)}, or DATALOADER.FILTER_EMPTY_ANNOTATIONS False")
     positives = _training_files([n for n in train if not negatives.is_pool(n)]) if name in train else []
     pool_stops, pool_warnings = negatives.judge_pool(name, positives)
     return stops + pool_stops, pool_warnings

@@ -8,8 +8,9 @@ pool is a dataset of its own (``--register-negatives NAME DIR``) whose records c
 :data:`POOL_KEY`; the training loader keeps them whatever that setting says and filters the other
 datasets as Detectron2 would (:func:`filter_empty_except_pools`).
 
-A pool has no ``thing_classes`` (it has no classes): Detectron2 then skips its class histogram and
-the class consistency of the training sets, and ``class_checks`` compares the other datasets only.
+A pool has no ``thing_classes`` (it has no classes): Detectron2 then skips the class histogram and
+the class consistency check of the training sets it merges (for all of them), and ``class_checks``
+compares the other datasets only.
 """
 import hashlib
 import os
@@ -43,7 +44,7 @@ def pool_files(source):
         with open(source) as f:
             lines = [line.strip() for line in f]
         found = [os.path.join(os.path.dirname(source), line) for line in lines if line and not line.startswith("#")]
-    return sorted(os.path.abspath(p) for p in found)
+    return sorted({os.path.abspath(p) for p in found})  # a file listed twice is one image
 
 
 def pool_records(name, source):

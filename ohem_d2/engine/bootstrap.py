@@ -82,6 +82,15 @@ def check(args, cfg, settings):
     if args.num_gpus != 1 or args.num_machines != 1:
         raise BootstrapError(f"--num-gpus {args.num_gpus} --num-machines {args.num_machines}: bootstrapping runs in "
                              "one process (one GPU or the CPU); drop these options")
+    if not settings.from_scratch and settings.rounds + 1 > cfg.SOLVER.MAX_ITER:
+        raise BootstrapError(f"--rounds {settings.rounds}: the rounds share SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER} "
+                             "iterations, at least one per round; use fewer rounds or more iterations")
+    test_thresh = (cfg.MODEL.RETINANET.SCORE_THRESH_TEST if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
+                   else cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+    if settings.score_thresh < test_thresh:
+        raise BootstrapError(f"--score-thresh {settings.score_thresh} is below the model's test score threshold "
+                             f"{test_thresh}: detections between them are never seen; lower SCORE_THRESH_TEST or "
+                             "raise --score-thresh")
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
         raise BootstrapError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: bootstrapping changes the "
                              "training set every round; it trains with TrainingSampler")
@@ -118,7 +127,8 @@ class Bootstrap:
         self.state = self._load()
 
     def _load(self):
-        settings = dict(self.settings.as_dict(), pool=self.args.pool, held_out_pool=self.args.held_out_pool)
+        settings = dict(self.settings.as_dict(), pool=self.args.pool, held_out_pool=self.args.held_out_pool,
+                        pool_source=MetadataCatalog.get(self.args.pool).get(SOURCE_KEY))
         if os.path.isfile(self.path):
             with open(self.path) as f:
                 state = json.load(f)
@@ -332,13 +342,21 @@ def prepare(args):
     if os.path.isfile(state_file) and not args.resume:
         raise BootstrapError(f"{state_file} exists: OUTPUT_DIR holds a bootstrapping run; pass --resume to continue "
                              "it, or give another OUTPUT_DIR")
+    if not os.path.isfile(state_file) and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        # Round 0 would resume from it (every round resumes the run's last checkpoint).
+        raise BootstrapError(f"OUTPUT_DIR {cfg.OUTPUT_DIR} holds another run's checkpoints (last_checkpoint) and no "
+                             f"{STATE_FILE}; give bootstrapping an OUTPUT_DIR of its own")
     boot = Bootstrap(cfg, args, settings)
     default_setup(cfg, args)
+    boot.save()  # before round 0 trains: a restart without --resume, or with other settings, is refused
     return boot
 
 
 def run(boot):
     """The rounds, then the last round's test metrics in OUTPUT_DIR/eval_results.json. Returns the state."""
     state = boot.run()
+    if boot.settings.from_scratch:  # each round trained in its own folder; the result is the last round's
+        shutil.copyfile(os.path.join(boot.cfg.OUTPUT_DIR, state["rounds"][-1]["model"]),
+                        os.path.join(boot.cfg.OUTPUT_DIR, "model_final.pth"))
     write_eval_results(boot.cfg.OUTPUT_DIR, state["rounds"][-1].get("metrics"))
     return state

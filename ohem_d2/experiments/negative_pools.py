@@ -12,7 +12,11 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..data.negatives import pool_files
+from detectron2.data import DatasetCatalog
+
+from ..data.datasets import DatasetError
+from ..data.negatives import judge_pool, pool_files, shared_images
+from ..data.scan import listed
 from ..data.synthetic import generate_synthetic_dataset
 from ..engine.bootstrap import detection_scores
 from ..engine.defaults import Trainer, build_config, config_argument_parser
@@ -20,6 +24,7 @@ from .report import NEGATIVES_FILE
 
 TRAIN_POOL = "negatives_train"
 HELD_OUT_POOL = "negatives_held_out"
+FLAGS = {TRAIN_POOL: "--negatives", HELD_OUT_POOL: "--held-out-negatives"}
 # The synthetic pools' seed, away from the positives' (0 by default) so that no image repeats.
 SYNTHETIC_SEED_OFFSET = 1000
 
@@ -35,10 +40,26 @@ def synthetic_negatives(root, positives_settings, count):
     return {TRAIN_POOL: ds.train_images, HELD_OUT_POOL: ds.val_images}
 
 
+def check_pools(train, pools):
+    """Stop before any run starts (:class:`DatasetError`, every problem listed) on a registered pool
+    of ``pools`` ({name: folder}) that is missing, empty, unreadable, shares images with the
+    training sets ``train``, or (the held-out one) with the training pool."""
+    positives = [d["file_name"] for name in train for d in DatasetCatalog.get(name)]
+    stops = [f"{flag} {folder}: {message}" for name, folder in pools.items()
+             for flag in [FLAGS[name]] for message in judge_pool(name, positives)[0]]
+    if not stops and TRAIN_POOL in pools and HELD_OUT_POOL in pools:
+        shared = shared_images(pool_files(pools[HELD_OUT_POOL]), pool_files(pools[TRAIN_POOL]))
+        if shared:
+            stops.append(f"--held-out-negatives {pools[HELD_OUT_POOL]}: {len(shared)} of its images are also in "
+                         f"--negatives ({listed(shared)}): a held-out pool must be one no arm trains on")
+    if stops:
+        raise DatasetError("the negative pools cannot be used:\n- " + "\n- ".join(stops))
+
+
 def held_out_false_positives(run_dir, pool, score_threshold):
     """The finished run's false positives on the held-out ``pool`` (a folder or list file): per
     image and how many images fire, in ``run_dir/``:data:`NEGATIVES_FILE` (kept for the same pool
-    and threshold). Scored on the run's device if it has it, else on the CPU."""
+    and threshold). Scored on a GPU if this machine has one, else on the CPU."""
     path = os.path.join(run_dir, NEGATIVES_FILE)
     if os.path.isfile(path):
         with open(path) as f:

@@ -28,7 +28,7 @@ from . import slurm
 from .config_kinds import YACS, arm_kind, config_kind
 from .mining_pictures import USER_ERRORS as PICTURE_ERRORS
 from .mining_pictures import write_mining_pictures
-from .negative_pools import HELD_OUT_POOL, TRAIN_POOL, held_out_false_positives, synthetic_negatives
+from .negative_pools import HELD_OUT_POOL, TRAIN_POOL, check_pools, held_out_false_positives, synthetic_negatives
 from .report import SCORE_THRESHOLD, choose_reference, write_report
 from .run_state import last_iteration, run_state, write_run_state
 
@@ -164,6 +164,11 @@ def plan_runs(args):
     for name, folder in pools.items():
         common += ["--register-negatives", name, folder]
     base = kind.build_config(kind.argument_parser().parse_args(common + opts))
+    if pools:  # no base dataset list holds them, so build_config did not check them
+        check_pools(kind.schedule(base)["train"], pools)
+    if any(arm in BOOTSTRAP_ARMS for arm in args.arms) and processes_per_run(args) > 1:
+        raise ExperimentError(f"the bootstrap arm runs in one process (tools/bootstrap.py); --num-gpus "
+                              f"{args.num_gpus} would start {processes_per_run(args)}: compare it with --num-gpus 1")
     # Every arm but the bootstrap arms trains on the pool as well (the bootstrap arms mine it).
     with_pool = kind.schedule(base)["train"] + [TRAIN_POOL] if TRAIN_POOL in pools else None
     output = os.path.abspath(args.output or os.path.join("output", "experiment_" + os.path.splitext(os.path.basename(config))[0]))
