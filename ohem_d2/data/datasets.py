@@ -206,7 +206,7 @@ def check_datasets(cfg, outputs=None):
     for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]):
         if name in pools:
             found[name] = _judge_pool(name, cfg, train)
-            images[name] = len(negatives.pool_files(MetadataCatalog.get(name).get(negatives.SOURCE_KEY))) \
+            images[name] = len(negatives.pool_files(negatives.pool_source(name))) \
                 if not found[name][0] else None
             continue
         dataset_stops, dataset_warnings, scan = _judge(name, Use(train=name in train, test=name in cfg.DATASETS.TEST,
@@ -252,21 +252,9 @@ def _judge_pool(name, cfg, train):
         stops.append(f"it is a negative pool, and DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN} is built "
                      "by Detectron2, which drops images without annotations (FILTER_EMPTY_ANNOTATIONS True); use one "
                      f"of {', '.join(POOL_SAMPLERS)}, or DATALOADER.FILTER_EMPTY_ANNOTATIONS False")
-    positives = _training_files([n for n in train if not negatives.is_pool(n)]) if name in train else []
+    positives = negatives.dataset_files([n for n in train if not negatives.is_pool(n)]) if name in train else []
     pool_stops, pool_warnings = negatives.judge_pool(name, positives)
     return stops + pool_stops, pool_warnings
-
-
-def _training_files(names):
-    """The image files of the registered datasets ``names`` (those that load; the others' checks
-    say why they do not)."""
-    files = []
-    for name in names:
-        try:
-            files += [d["file_name"] for d in DatasetCatalog.get(name)]
-        except Exception:  # noqa: BLE001 - a dataset that does not load is reported by its own check
-            pass
-    return files
 
 
 def _classes(name, scan):

@@ -34,6 +34,23 @@ def is_pool(name):
     return name in DatasetCatalog.list() and MetadataCatalog.get(name).get(SOURCE_KEY, None) is not None
 
 
+def pool_source(name):
+    """The folder or list file of the registered pool ``name``."""
+    return MetadataCatalog.get(name).get(SOURCE_KEY)
+
+
+def dataset_files(names):
+    """The image files of the registered datasets ``names`` (those that load; the others' checks
+    say why they do not): the positives a pool must not share images with."""
+    files = []
+    for name in names:
+        try:
+            files += [d["file_name"] for d in DatasetCatalog.get(name)]
+        except Exception:  # noqa: BLE001 - a dataset that does not load is reported by its own check
+            pass
+    return files
+
+
 def pool_files(source):
     """The image files of a pool, absolute and sorted: every file with an image extension under a
     folder (recursively), or each non-empty line of a list file (relative to the list's folder)."""
@@ -74,7 +91,7 @@ def filter_empty_except_pools(dicts):
 def judge_pool(name, positives=()):
     """(stops, warnings) of pool ``name``: a missing folder or list, no images, files Detectron2
     cannot read, and images that are also training positives (``positives``: their file paths)."""
-    source = MetadataCatalog.get(name).get(SOURCE_KEY)
+    source = pool_source(name)
     if not os.path.exists(source):
         return [f"its folder or list file {source} does not exist; give --register-negatives NAME DIR an existing "
                 "folder of background images (or a text file listing them)"], []

@@ -23,7 +23,7 @@ import shutil
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader
 from detectron2.data import detection_utils
 from detectron2.engine import default_setup
 from detectron2.structures import pairwise_iou
@@ -31,7 +31,7 @@ from detectron2.utils.env import seed_all_rng
 
 from ..data.bootstrapping import BootstrapError, BootstrapSettings, Score, initial_negatives, next_round, score_image
 from ..data.datasets import DatasetError, register_negatives
-from ..data.negatives import SOURCE_KEY, is_pool, judge_pool, pool_files, shared_images
+from ..data.negatives import dataset_files, is_pool, judge_pool, pool_files, pool_source, shared_images
 from ..data.scan import listed
 from .defaults import USER_ERRORS, Trainer, build_config, training_argument_parser, write_eval_results
 
@@ -103,13 +103,12 @@ def check(args, cfg, settings):
                                  "pick them; leave it out of DATASETS.TRAIN")
     if args.held_out_pool == args.pool:
         raise BootstrapError("--held-out-pool is --pool: a held-out pool must be one the rounds never train on")
-    positives = [d["file_name"] for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
+    positives = dataset_files(cfg.DATASETS.TRAIN)
     stops = []
     for name in filter(None, (args.pool, args.held_out_pool)):
         stops += [f"pool {name!r}: {message}" for message in judge_pool(name, positives)[0]]
     if args.held_out_pool and not stops:
-        shared = shared_images(pool_files(MetadataCatalog.get(args.held_out_pool).get(SOURCE_KEY)),
-                               pool_files(MetadataCatalog.get(args.pool).get(SOURCE_KEY)))
+        shared = shared_images(pool_files(pool_source(args.held_out_pool)), pool_files(pool_source(args.pool)))
         if shared:
             stops.append(f"pool {args.held_out_pool!r}: {len(shared)} of its images are also in --pool {args.pool!r} "
                          f"({listed(shared)}): a held-out pool measures images the rounds never train on; remove them")
@@ -123,12 +122,12 @@ class Bootstrap:
     def __init__(self, cfg, args, settings):
         self.cfg, self.args, self.settings = cfg, args, settings
         self.path = os.path.join(cfg.OUTPUT_DIR, STATE_FILE)
-        self.pool = pool_files(MetadataCatalog.get(args.pool).get(SOURCE_KEY))
+        self.pool = pool_files(pool_source(args.pool))
         self.state = self._load()
 
     def _load(self):
         settings = dict(self.settings.as_dict(), pool=self.args.pool, held_out_pool=self.args.held_out_pool,
-                        pool_source=MetadataCatalog.get(self.args.pool).get(SOURCE_KEY))
+                        pool_source=pool_source(self.args.pool))
         if os.path.isfile(self.path):
             with open(self.path) as f:
                 state = json.load(f)
@@ -243,7 +242,7 @@ class Bootstrap:
             json.dump({p: [s.max_score, s.false_positives] for p, s in per_image.items()}, f)
         entry["pool"] = summary(per_image, set(entry["negatives"]))
         if self.args.held_out_pool:
-            held_out = pool_files(MetadataCatalog.get(self.args.held_out_pool).get(SOURCE_KEY))
+            held_out = pool_files(pool_source(self.args.held_out_pool))
             held = {f: score_image(s, self.settings.score_thresh)
                     for f, s in detection_scores(model, self.cfg, held_out).items()}
             entry["held_out"] = summary(held, set())

@@ -12,10 +12,8 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from detectron2.data import DatasetCatalog
-
 from ..data.datasets import DatasetError
-from ..data.negatives import judge_pool, pool_files, shared_images
+from ..data.negatives import dataset_files, judge_pool, pool_files, shared_images
 from ..data.scan import listed
 from ..data.synthetic import generate_synthetic_dataset
 from ..engine.bootstrap import detection_scores
@@ -44,7 +42,7 @@ def check_pools(train, pools):
     """Stop before any run starts (:class:`DatasetError`, every problem listed) on a registered pool
     of ``pools`` ({name: folder}) that is missing, empty, unreadable, shares images with the
     training sets ``train``, or (the held-out one) with the training pool."""
-    positives = [d["file_name"] for name in train for d in DatasetCatalog.get(name)]
+    positives = dataset_files(train)
     stops = [f"{flag} {folder}: {message}" for name, folder in pools.items()
              for flag in [FLAGS[name]] for message in judge_pool(name, positives)[0]]
     if not stops and TRAIN_POOL in pools and HELD_OUT_POOL in pools:
