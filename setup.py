@@ -28,5 +28,5 @@ setup(
         "numpy",
     ],
     # submitit: the SLURM launcher of tools/run_experiment.py (--launcher slurm), imported by it alone.
-    extras_require={"slurm": ["submitit>=1.5"], "test": ["pytest>=7", "submitit>=1.5"]},
+    extras_require={"slurm": ["submitit>=1.5"], "test": ["pytest>=7.3", "submitit>=1.5"]},
 )

@@ -73,6 +73,17 @@ def _forget_datasets_the_test_registered():
         MetadataCatalog.remove(name)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _checkpoints_removed_after_the_module(tmp_path_factory):
+    """The suite trains dozens of models and their checkpoints (50-100 MB each) would outgrow a small
+    CI disk: once a module's tests are done, no test reads its checkpoints again, so they go (logs,
+    metrics and configs stay for a failure's post-mortem). With ``tmp_path_retention_policy = failed``
+    (setup.cfg) a passing test's own folder goes as soon as it ends."""
+    yield
+    for checkpoint in tmp_path_factory.getbasetemp().rglob("*.pth"):
+        checkpoint.unlink()
+
+
 def device():
     """The device of the model-level tests: ``--device``, the CPU by default."""
     return _SESSION["device"]

@@ -9,8 +9,9 @@ anew from MODEL.WEIGHTS, the classic retraining). A round whose set is the last 
 trains to the end of the schedule.
 
 Everything is written under ``OUTPUT_DIR``: ``bootstrap.json`` (settings, and per round its
-negatives, the added and removed ones, the scores' summary, the test metrics, the checkpoint,
-the stop reason) and ``bootstrap/round_R/`` (``negatives.txt``, ``scores.json``, ``model.pth``).
+negatives, the added and removed ones, the scores' summary, the test metrics, where its weights
+are, the stop reason) and ``bootstrap/round_R/`` (``negatives.txt``, ``scores.json``, the
+weights ``model.pth``).
 Killed, it resumes at the round and iteration it reached: the state says which rounds are
 trained and scored, and a round's training resumes from OUTPUT_DIR's last checkpoint.
 It runs in one process (one GPU, or the CPU).
@@ -220,7 +221,9 @@ class Bootstrap:
                     len(entry["negatives"]), len(entry["hard_positives"]), trainer.start_iter, trainer.max_iter)
         trainer.train()
         model_path = os.path.join(self.round_dir(r), "model.pth")
-        shutil.copyfile(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), model_path)
+        # The weights alone (the optimizer's state stays in OUTPUT_DIR's checkpoints, which resume):
+        # a round's model is what scores the pool and what a user keeps.
+        torch.save({"model": trainer.model.state_dict(), "iteration": trainer.max_iter}, model_path)
         entry["model"] = os.path.relpath(model_path, self.cfg.OUTPUT_DIR)
         entry["metrics"] = getattr(trainer, "_last_eval_results", None) or {}
         entry["end_iter"] = trainer.max_iter
