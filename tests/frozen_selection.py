@@ -204,11 +204,6 @@ def importance_sampling(inputs):
     return indices[by_image], num_candidates, weights[by_image]
 
 
-def registered_strategies():
-    """The names ``MODEL.OHEM.SELECTION`` accepts now, sorted."""
-    return sorted(name for name, _ in OHEM_SELECTION_REGISTRY)
-
-
 def per_roi_classification_loss(box_predictor, scores, gt_classes):
     """Classification loss of each RoI, shape (R,), as the predictor defines it."""
     scores = scores.float()

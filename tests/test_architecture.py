@@ -1,7 +1,6 @@
 """The layout's rules (docs/ARCHITECTURE.md): which package may import which, no sys.path
 manipulation, no tool importing another."""
 import ast
-from pathlib import Path
 
 import pytest
 

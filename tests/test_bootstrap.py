@@ -20,6 +20,7 @@ from ohem_d2.data.bootstrapping import (
     next_round,
     score_image,
 )
+from ohem_d2.engine.bootstrap import scoring_config
 
 # ------------------------------------------------------------------------------------------------
 # The rules, by hand
@@ -71,6 +72,20 @@ def test_round_zero_draws_a_seeded_random_subset_and_scores_count_false_positive
     assert first != initial_negatives(pool, 5, seed=4)
     assert initial_negatives(pool, 50, seed=0) == sorted(pool)
     assert score_image([0.2, 0.7, 0.5], 0.5) == Score(0.7, 2) and score_image([], 0.5) == Score(0.0, 0)
+
+
+def test_pools_are_scored_down_to_the_lowest_threshold_a_rule_reads():
+    """A negative whose best detection lay between --drop-thresh and the model's SCORE_THRESH_TEST
+    read as 0 and was dropped; a --score-thresh below it was refused."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.5, 0.3
+    scoring = scoring_config(cfg, 0.1)
+    assert (scoring.MODEL.ROI_HEADS.SCORE_THRESH_TEST, scoring.MODEL.RETINANET.SCORE_THRESH_TEST) == (0.1, 0.1)
+    scoring = scoring_config(cfg, 0.4)  # never raised
+    assert (scoring.MODEL.ROI_HEADS.SCORE_THRESH_TEST, scoring.MODEL.RETINANET.SCORE_THRESH_TEST) == (0.4, 0.3)
+    assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.5  # the test metrics' config is left as it was
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -206,11 +221,9 @@ def test_bad_inputs_stop_before_round_zero_with_one_message(data, tmp_path):
         (overlap / name).write_bytes((data / "pos" / "train" / name).read_bytes())
     assert "2 of its 2 images are also training positives" in one_line_error(data, tmp_path, pool=overlap)
     assert "--pool 'nothing' is not a registered negative pool" in one_line_error(data, tmp_path, "--pool", "nothing")
-    assert "pool 'boot_held': 4 of its images are also in --pool 'boot_pool_too'" in one_line_error(
+    assert "--held-out-pool 'boot_held': 4 of its images are also in --pool 'boot_pool_too'" in one_line_error(
         data, tmp_path, "--register-negatives", "boot_pool_too", str(data / "neg" / "val"), "--pool", "boot_pool_too")
     assert "--rounds 6: the rounds share SOLVER.MAX_ITER 6 iterations" in one_line_error(data, tmp_path, "--rounds", "6")
-    assert "--score-thresh 0.2 is below the model's test score threshold 0.3" in one_line_error(
-        data, tmp_path, opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.3"])
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "last_checkpoint").write_text("model_0000099.pth")  # another run's output folder
     assert "holds another run's checkpoints (last_checkpoint)" in one_line_error(data, tmp_path)

@@ -6,7 +6,6 @@ Every test writes its own small dataset (real image files, a few pixels) under t
 registers it under a name of its own: DatasetCatalog is global."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.detection_utils import check_image_size, read_image
 
-from conftest import REPO, require_coco128
+from conftest import require_coco128
 from ohem_d2.data import scan as dataset_scan
 from ohem_d2.data import scan_cache
 from ohem_d2.data.datasets import (

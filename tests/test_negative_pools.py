@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 
 from conftest import CONFIGS, REPO
 from ohem_d2.data.datasets import (
@@ -22,7 +22,7 @@ from ohem_d2.data.datasets import (
     register_negatives,
 )
 from ohem_d2.data.hard_images import add_hard_image_config
-from ohem_d2.data.negatives import POOL_KEY, filter_empty_except_pools
+from ohem_d2.data.negatives import POOL_KEY, filter_except_pools
 
 
 def image(path, size=(40, 30), colour=(90, 120, 150)):
@@ -83,10 +83,10 @@ def test_filter_empty_drops_the_positives_empty_images_and_keeps_the_pool(tmp_pa
     pos = positives(tmp_path)
     pool = register_negatives(f"t_neg_{tmp_path.name}", pool_folder(tmp_path))
     dicts = get_detection_dataset_dicts([pos, pool], filter_empty=False)
-    kept = filter_empty_except_pools(dicts)
+    kept = filter_except_pools(dicts)
     assert [os.path.basename(d["file_name"]) for d in kept] == ["a.jpg", "bg_0.jpg", "bg_1.jpg", "bg_2.jpg"]
     # Without a pool, the same filter as Detectron2's.
-    assert filter_empty_except_pools(get_detection_dataset_dicts([pos], filter_empty=False)) == \
+    assert filter_except_pools(get_detection_dataset_dicts([pos], filter_empty=False)) == \
         get_detection_dataset_dicts([pos], filter_empty=True)
 
 
@@ -102,6 +102,62 @@ def test_the_trainer_trains_on_the_pool_images_with_filter_empty_on(tmp_path):
     assert loader.sampler._size == 4  # a.jpg and the 3 pool images; b.jpg (no annotations) filtered
     batch = next(iter(loader))
     assert sorted(len(d["instances"]) for d in batch) in ([0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1])
+
+
+def keypoint_positives(tmp_path):
+    """A COCO person-keypoint dataset of three images: 2 visible keypoints, 1, none annotated."""
+    root = tmp_path / "kp"
+    names = ("a.jpg", "b.jpg", "c.jpg")
+    for name in names:
+        image(root / "images" / name)
+    points = {1: [5, 5, 2, 8, 8, 2], 2: [5, 5, 2, 8, 8, 0], 3: [0, 0, 0, 0, 0, 0]}
+    coco = {"images": [{"id": i, "file_name": n, "width": 40, "height": 30} for i, n in enumerate(names, 1)],
+            "annotations": [{"id": i, "image_id": i, "bbox": [2, 2, 10, 10], "category_id": 1, "iscrowd": 0,
+                             "keypoints": points[i], "num_keypoints": sum(v > 0 for v in points[i][2::3])}
+                            for i in points],
+            "categories": [{"id": 1, "name": "person", "keypoints": ["left", "right"]}]}
+    (root / "train.json").write_text(json.dumps(coco))
+    name = register_coco(f"t_neg_kp_{tmp_path.name}", str(root / "train.json"), str(root / "images"))
+    MetadataCatalog.get(name).set(keypoint_names=("left", "right"), keypoint_flip_map=(("left", "right"),))
+    return name
+
+
+def test_a_keypoint_model_keeps_the_pool_and_filters_the_positives_by_keypoints(tmp_path):
+    """MIN_KEYPOINTS_PER_IMAGE filtered the pool away (it has no keypoints), and Detectron2's keypoint
+    mapper stopped on the pool's missing keypoint names."""
+    from ohem_d2.engine.defaults import Trainer
+
+    pos = keypoint_positives(tmp_path)
+    pool = register_negatives(f"t_neg_{tmp_path.name}", pool_folder(tmp_path))
+    cfg = config([pos, pool], (), "MODEL.KEYPOINT_ON", True, "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", 2,
+                 "MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE", 2, "DATALOADER.NUM_WORKERS", 0,
+                 "SOLVER.IMS_PER_BATCH", 4, "DATALOADER.ASPECT_RATIO_GROUPING", False, "INPUT.MIN_SIZE_TRAIN", (30,))
+    loader = Trainer.build_train_loader(cfg)
+    assert loader.sampler._size == 4  # a.jpg (2 visible keypoints) and the 3 pool images
+    batch = next(iter(loader))
+    assert sorted(len(d["instances"]) for d in batch) in ([0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1])
+    assert all(d["instances"].has("gt_keypoints") for d in batch if len(d["instances"]))
+    dicts = get_detection_dataset_dicts([pos, pool], filter_empty=False)
+    assert [os.path.basename(d["file_name"]) for d in filter_except_pools(dicts, min_keypoints=1)] == \
+        ["a.jpg", "b.jpg", "bg_0.jpg", "bg_1.jpg", "bg_2.jpg"]
+
+
+def test_the_runner_stops_on_a_held_out_pool_sharing_images_with_the_training_pool(tmp_path):
+    from ohem_d2.experiments.negative_pools import HELD_OUT_POOL, TRAIN_POOL, check_pools
+
+    pos = positives(tmp_path)
+    mined = pool_folder(tmp_path)
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    shutil.copy(os.path.join(mined, "bg_1.jpg"), held_out / "copy.jpg")  # the same bytes under another name
+    image(held_out / "other.jpg", colour=(1, 2, 3))
+    register_negatives(TRAIN_POOL, mined)
+    register_negatives(HELD_OUT_POOL, str(held_out))
+    with pytest.raises(DatasetError) as error:
+        check_pools([pos], {TRAIN_POOL: mined, HELD_OUT_POOL: str(held_out)})
+    assert str(error.value).splitlines()[1] == (
+        f"- --held-out-negatives {held_out}: 1 of its images are also in --negatives {mined} ({held_out}/copy.jpg): "
+        "a held-out pool must hold images nothing trains on; remove them")
 
 
 def test_checks_stop_on_an_empty_pool_an_unreadable_image_and_a_missing_folder(tmp_path):

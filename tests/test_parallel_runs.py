@@ -1,11 +1,9 @@
 """Concurrent multi-process runs of tools/run_experiment.py: each run's own GPUs and rendezvous port."""
 import json
 import socket
-import sys
 
 import pytest
 
-from conftest import REPO
 from test_run_experiment import TINY_RUN, run_tool
 
 from ohem_d2.engine import exit_on

@@ -243,3 +243,22 @@ def test_two_gloo_processes_of_one_run_on_one_node(tmp_path):
                       "--cpus-per-task", 2, "--mem", 4)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "world size: 2" in (out / "ohem" / "seed_0" / "train_net.out").read_text().lower()
+
+
+def test_the_bootstrap_arm_runs_its_rounds_as_a_slurm_job(tmp_path):
+    """The bootstrap arm goes out as tools/bootstrap.py (not train_net.py), mines its pool in the
+    job, and reports its false positives per held-out negative image like a local run."""
+    require_slurm()
+    out = tmp_path / "exp"
+    done = run_runner(out, tmp_path / "data", "--arms", "stock", "bootstrap", "--synthetic-negatives", 4,
+                      "--bootstrap-opts", "--rounds 1 --initial-negatives 2 --budget 2 --score-thresh 0.05 "
+                      "--drop-thresh 0.01", "--launcher", "slurm", "--cpus-per-task", 1, "--mem", 2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = out / "bootstrap" / "seed_0"
+    assert json.loads((run_dir / "run.json").read_text())["job_id"]
+    state = json.loads((run_dir / "bootstrap.json").read_text())
+    assert state["done"] and [r["round"] for r in state["rounds"]] == [0, 1]
+    assert "bootstrapping done after round 1" in (run_dir / "train_net.out").read_text()
+    results = json.loads((out / "results.json").read_text())
+    held_out = json.loads((run_dir / "held_out_negatives.json").read_text())
+    assert results["arms"]["bootstrap"]["mean"]["fp_per_negative_image"] == held_out["false_positives_per_image"]

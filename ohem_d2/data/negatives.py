@@ -5,8 +5,9 @@ folder (or a list file) of images that contain none of the classes. Detectron2 h
 them: a COCO JSON without annotations would do, but ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``
 (True by default) drops every image without annotations from training, the pool with it. Here a
 pool is a dataset of its own (``--register-negatives NAME DIR``) whose records carry
-:data:`POOL_KEY`; the training loader keeps them whatever that setting says and filters the other
-datasets as Detectron2 would (:func:`filter_empty_except_pools`).
+:data:`POOL_KEY`; the training loader keeps them whatever that setting (or a keypoint model's
+``MIN_KEYPOINTS_PER_IMAGE``) says and filters the other datasets as Detectron2 would
+(:func:`filter_except_pools`).
 
 A pool has no ``thing_classes`` (it has no classes): Detectron2 then skips the class histogram and
 the class consistency check of the training sets it merges (for all of them), and ``class_checks``
@@ -16,7 +17,7 @@ import hashlib
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.build import filter_images_with_only_crowd_annotations
+from detectron2.data.build import filter_images_with_few_keypoints, filter_images_with_only_crowd_annotations
 
 from .image_files import read_image_header
 from .scan import listed
@@ -81,11 +82,31 @@ def register_pool(name, source):
     MetadataCatalog.get(name).set(**{SOURCE_KEY: source}, evaluator_type=EVALUATOR_TYPE)
 
 
-def filter_empty_except_pools(dicts):
-    """Detectron2's filter of images without (non-crowd) annotations applied to the records of
-    every dataset but the pools, whose records are all kept; the order is unchanged."""
-    kept = {id(d) for d in filter_images_with_only_crowd_annotations([d for d in dicts if POOL_KEY not in d])}
+def filter_except_pools(dicts, filter_empty=True, min_keypoints=0):
+    """Detectron2's training filters, of images without (non-crowd) annotations and of images with
+    fewer than ``min_keypoints`` visible keypoints, applied to the records of every dataset but the
+    pools, whose records are all kept; the order is unchanged."""
+    others = [d for d in dicts if POOL_KEY not in d]
+    if filter_empty:
+        others = filter_images_with_only_crowd_annotations(others)
+    if min_keypoints > 0:
+        others = filter_images_with_few_keypoints(others, min_keypoints)
+    kept = {id(d) for d in others}
     return [d for d in dicts if POOL_KEY in d or id(d) in kept]
+
+
+def lend_keypoint_metadata(train):
+    """Give each pool among the training datasets ``train`` the keypoint names and flip map of the
+    first other training dataset that has them: Detectron2's keypoint mapper reads them from every
+    training dataset, and a pool, having no objects, has none of its own."""
+    donors = [MetadataCatalog.get(n) for n in train if not is_pool(n)]
+    donor = next((m for m in donors if hasattr(m, "keypoint_names") and hasattr(m, "keypoint_flip_map")), None)
+    if donor is None:
+        return
+    for name in train:
+        meta = MetadataCatalog.get(name)
+        if is_pool(name) and not hasattr(meta, "keypoint_names"):
+            meta.set(keypoint_names=donor.keypoint_names, keypoint_flip_map=donor.keypoint_flip_map)
 
 
 def judge_pool(name, positives=()):
@@ -117,6 +138,20 @@ def judge_pool(name, positives=()):
                      "a negative pool holds images without objects, and training on one image as both would "
                      f"teach the model to miss its objects; remove them from {source}")
     return stops, []
+
+
+def judge_pools(labels, positives, held_out=None, mined=None):
+    """The stops of the pools ``labels`` ({pool name: how a message names it}): each pool's own
+    (:func:`judge_pool` against the training ``positives``), and the held-out pool ``held_out``
+    sharing images with the pool ``mined`` (the false positives it reports would be on images
+    something trained on)."""
+    stops = [f"{labels[name]}: {message}" for name in labels for message in judge_pool(name, positives)[0]]
+    if not stops and held_out and mined:
+        shared = shared_images(pool_files(pool_source(held_out)), pool_files(pool_source(mined)))
+        if shared:
+            stops.append(f"{labels[held_out]}: {len(shared)} of its images are also in {labels[mined]} "
+                         f"({listed(shared)}): a held-out pool must hold images nothing trains on; remove them")
+    return stops
 
 
 def shared_images(files, positives):

@@ -32,8 +32,7 @@ from detectron2.utils.env import seed_all_rng
 
 from ..data.bootstrapping import BootstrapError, BootstrapSettings, Score, initial_negatives, next_round, score_image
 from ..data.datasets import DatasetError, register_negatives
-from ..data.negatives import dataset_files, is_pool, judge_pool, pool_files, pool_source, shared_images
-from ..data.scan import listed
+from ..data.negatives import dataset_files, is_pool, judge_pools, pool_files, pool_source
 from .defaults import USER_ERRORS, Trainer, build_config, training_argument_parser, write_eval_results
 
 logger = logging.getLogger(__name__)
@@ -86,12 +85,6 @@ def check(args, cfg, settings):
     if not settings.from_scratch and settings.rounds + 1 > cfg.SOLVER.MAX_ITER:
         raise BootstrapError(f"--rounds {settings.rounds}: the rounds share SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER} "
                              "iterations, at least one per round; use fewer rounds or more iterations")
-    test_thresh = (cfg.MODEL.RETINANET.SCORE_THRESH_TEST if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
-                   else cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
-    if settings.score_thresh < test_thresh:
-        raise BootstrapError(f"--score-thresh {settings.score_thresh} is below the model's test score threshold "
-                             f"{test_thresh}: detections between them are never seen; lower SCORE_THRESH_TEST or "
-                             "raise --score-thresh")
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
         raise BootstrapError(f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: bootstrapping changes the "
                              "training set every round; it trains with TrainingSampler")
@@ -104,15 +97,10 @@ def check(args, cfg, settings):
                                  "pick them; leave it out of DATASETS.TRAIN")
     if args.held_out_pool == args.pool:
         raise BootstrapError("--held-out-pool is --pool: a held-out pool must be one the rounds never train on")
-    positives = dataset_files(cfg.DATASETS.TRAIN)
-    stops = []
-    for name in filter(None, (args.pool, args.held_out_pool)):
-        stops += [f"pool {name!r}: {message}" for message in judge_pool(name, positives)[0]]
-    if args.held_out_pool and not stops:
-        shared = shared_images(pool_files(pool_source(args.held_out_pool)), pool_files(pool_source(args.pool)))
-        if shared:
-            stops.append(f"pool {args.held_out_pool!r}: {len(shared)} of its images are also in --pool {args.pool!r} "
-                         f"({listed(shared)}): a held-out pool measures images the rounds never train on; remove them")
+    labels = {args.pool: f"--pool {args.pool!r}"}
+    if args.held_out_pool:
+        labels[args.held_out_pool] = f"--held-out-pool {args.held_out_pool!r}"
+    stops = judge_pools(labels, dataset_files(cfg.DATASETS.TRAIN), held_out=args.held_out_pool, mined=args.pool)
     if stops:
         raise DatasetError("the negative pool cannot be used:\n- " + "\n- ".join(stops))
 
@@ -230,7 +218,9 @@ class Bootstrap:
         self.save()
 
     def model(self, entry):
-        model = Trainer.build_model(self.cfg)
+        # The rules read scores down to --drop-thresh (--score-thresh when nothing is dropped).
+        lowest = self.settings.drop_thresh if self.settings.drop_thresh > 0 else self.settings.score_thresh
+        model = Trainer.build_model(scoring_config(self.cfg, lowest))
         DetectionCheckpointer(model).load(os.path.join(self.cfg.OUTPUT_DIR, entry["model"]))
         model.eval()
         return model
@@ -263,6 +253,19 @@ class Bootstrap:
         return {"round": entry["round"] + 1, "negatives": plan.negatives,
                 "hard_positives": entry.get("missed_positives", []), "added": plan.added,
                 "removed": plan.removed, "final": bool(plan.stop)}
+
+
+def scoring_config(cfg, lowest):
+    """``cfg`` for a model that scores pool images: its test score thresholds (RoI heads, RetinaNet)
+    at most ``lowest``, the lowest score a rule compares with, so that a detection between that and
+    the config's SCORE_THRESH_TEST counts (a negative whose best detection lies there would read as
+    0, and be dropped, or a false positive go uncounted). Test metrics keep the config's threshold."""
+    scoring = cfg.clone()
+    scoring.defrost()
+    for head in (scoring.MODEL.ROI_HEADS, scoring.MODEL.RETINANET):
+        head.SCORE_THRESH_TEST = min(head.SCORE_THRESH_TEST, lowest)
+    scoring.freeze()
+    return scoring
 
 
 def summary(per_image, training):

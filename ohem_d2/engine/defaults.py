@@ -34,7 +34,7 @@ from ..data.hard_images import (
     check_hard_image_config,
     shared_losses,
 )
-from ..data.negatives import filter_empty_except_pools, is_pool
+from ..data.negatives import filter_except_pools, is_pool, lend_keypoint_metadata
 from ..data.resumable_sampler import ResumableTrainingSampler
 from ..modeling.settings import OHEMConfigError
 from .hooks import ExactResume, HardImageFeedback, PeakMemoryHook, TrainingLoader
@@ -183,17 +183,20 @@ class Trainer(DefaultTrainer):
         Detectron2's ``TrainingSampler`` made resumable (:class:`ExactResume`), or the
         ``HardImageTrainingSampler`` (its records numbered for the loss feedback); Detectron2's
         other samplers as Detectron2 builds them. Negative pools keep their images (no GT) whatever
-        FILTER_EMPTY_ANNOTATIONS says; it filters the other datasets."""
+        FILTER_EMPTY_ANNOTATIONS and MIN_KEYPOINTS_PER_IMAGE say; they filter the other datasets."""
         if cfg.DATALOADER.SAMPLER_TRAIN not in ("TrainingSampler", SAMPLER_NAME):
             return super().build_train_loader(cfg)
         filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        min_keypoints = cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
         with_pools = any(is_pool(name) for name in cfg.DATASETS.TRAIN)
         dicts = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=filter_empty and not with_pools,
-            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            min_keypoints=0 if with_pools else min_keypoints,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None)
-        if filter_empty and with_pools:
-            dicts = filter_empty_except_pools(dicts)
+        if with_pools:
+            dicts = filter_except_pools(dicts, filter_empty, min_keypoints)
+            if cfg.MODEL.KEYPOINT_ON:
+                lend_keypoint_metadata(cfg.DATASETS.TRAIN)
         if cfg.DATALOADER.SAMPLER_TRAIN == SAMPLER_NAME:
             dicts = [dict(d, **{INDEX_KEY: i}) for i, d in enumerate(dicts)]
             settings = cfg.DATALOADER.HARD_IMAGES

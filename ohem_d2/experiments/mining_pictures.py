@@ -34,7 +34,7 @@ from detectron2.modeling.roi_heads import ROIHeads
 from detectron2.utils.events import EventStorage
 
 from ..arms import OHEM_TO_STOCK_HEAD, STOCK_TO_OHEM_HEAD
-from ..engine.defaults import USER_ERRORS, build_config, config_argument_parser
+from ..engine.defaults import build_config, config_argument_parser
 from ..modeling import OHEMMixin
 from ..modeling.diagnostics import BG_LO, max_iou_with_gt
 
@@ -257,7 +257,7 @@ def mining_model(cfg, weights=None, dataset=None, device=None):
     saw), ``weights`` (default MODEL.WEIGHTS) loaded, on ``device`` (default MODEL.DEVICE), the
     model in training mode (the heads label and mine only then; nothing is updated).
 
-    Raises one of ``USER_ERRORS`` with a message that says what to fix.
+    Raises one of ``ohem_d2.engine.USER_ERRORS`` with a message that says what to fix.
     """
     cfg = cfg.clone()
     cfg.defrost()

@@ -13,10 +13,9 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..data.datasets import DatasetError
-from ..data.negatives import dataset_files, judge_pool, pool_files, shared_images
-from ..data.scan import listed
+from ..data.negatives import dataset_files, judge_pools, pool_files
 from ..data.synthetic import generate_synthetic_dataset
-from ..engine.bootstrap import detection_scores
+from ..engine.bootstrap import detection_scores, scoring_config
 from ..engine.defaults import Trainer, build_config, config_argument_parser
 from .report import NEGATIVES_FILE
 
@@ -42,14 +41,9 @@ def check_pools(train, pools):
     """Stop before any run starts (:class:`DatasetError`, every problem listed) on a registered pool
     of ``pools`` ({name: folder}) that is missing, empty, unreadable, shares images with the
     training sets ``train``, or (the held-out one) with the training pool."""
-    positives = dataset_files(train)
-    stops = [f"{flag} {folder}: {message}" for name, folder in pools.items()
-             for flag in [FLAGS[name]] for message in judge_pool(name, positives)[0]]
-    if not stops and TRAIN_POOL in pools and HELD_OUT_POOL in pools:
-        shared = shared_images(pool_files(pools[HELD_OUT_POOL]), pool_files(pools[TRAIN_POOL]))
-        if shared:
-            stops.append(f"--held-out-negatives {pools[HELD_OUT_POOL]}: {len(shared)} of its images are also in "
-                         f"--negatives ({listed(shared)}): a held-out pool must be one no arm trains on")
+    stops = judge_pools({name: f"{FLAGS[name]} {folder}" for name, folder in pools.items()}, dataset_files(train),
+                        held_out=HELD_OUT_POOL if HELD_OUT_POOL in pools else None,
+                        mined=TRAIN_POOL if TRAIN_POOL in pools else None)
     if stops:
         raise DatasetError("the negative pools cannot be used:\n- " + "\n- ".join(stops))
 
@@ -65,8 +59,8 @@ def held_out_false_positives(run_dir, pool, score_threshold):
         if known["pool"] == pool and known["score_threshold"] == score_threshold:
             return known
     device = "cpu" if not torch.cuda.is_available() else "cuda"
-    cfg = build_config(config_argument_parser().parse_args(
-        ["--config-file", os.path.join(run_dir, "config.yaml"), "MODEL.DEVICE", device]), check=False)
+    cfg = scoring_config(build_config(config_argument_parser().parse_args(
+        ["--config-file", os.path.join(run_dir, "config.yaml"), "MODEL.DEVICE", device]), check=False), score_threshold)
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(os.path.join(run_dir, "model_final.pth"))
     model.eval()

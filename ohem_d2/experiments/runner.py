@@ -23,10 +23,10 @@ from ..arms import ARMS, BOOTSTRAP_ARMS, DEFAULT_ARMS, UnknownArmError, describe
 from ..data.bootstrapping import BootstrapError
 from ..data.synthetic import SyntheticDatasetError, generate_synthetic_dataset
 from ..engine.bootstrap import settings_of as bootstrap_settings
+from ..engine.defaults import USER_ERRORS as PICTURE_ERRORS
 from ..engine.lazy import LAZY_USER_ERRORS
 from . import slurm
 from .config_kinds import YACS, arm_kind, config_kind
-from .mining_pictures import USER_ERRORS as PICTURE_ERRORS
 from .mining_pictures import write_mining_pictures
 from .negative_pools import HELD_OUT_POOL, TRAIN_POOL, check_pools, held_out_false_positives, synthetic_negatives
 from .report import SCORE_THRESHOLD, choose_reference, write_report
