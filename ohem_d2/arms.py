@@ -96,6 +96,8 @@ ARMS = OrderedDict(
                               _NO_BG_LO + _HARD_IMAGES)),
         ("bootstrap", ("Detectron2 sampler; hard-negative bootstrapping of the negative pool in rounds of the same "
                        "schedule (tools/bootstrap.py)", "stock", _NO_BG_LO + _QUARTER_FG)),
+        ("bootstrap_random", ("the bootstrap arm's control: each round adds as many pool images as mining would, "
+                              "drawn at random (tools/bootstrap.py --choose random)", "stock", _NO_BG_LO + _QUARTER_FG)),
         ("ohem_rpn", ("OHEM in the RPN (B/N hardest anchors per image, NMS on loss) and in the RoI head", "ohem",
                       _NO_BG_LO)),
         ("retinanet_focal", ("RetinaNet as published: focal loss (gamma 2, alpha 0.25) on every anchor", "retinanet",
@@ -110,8 +112,9 @@ ARMS = OrderedDict(
     ]
 )
 DEFAULT_ARMS = ("stock", "fast_rcnn_heuristics", "ohem")
-# The arms that train with tools/bootstrap.py (rounds over a negative pool) instead of train_net.py.
-BOOTSTRAP_ARMS = ("bootstrap",)
+# The arms that train with tools/bootstrap.py (rounds over a negative pool) instead of train_net.py:
+# {arm: its options of that tool}.
+BOOTSTRAP_ARMS = {"bootstrap": [], "bootstrap_random": ["--choose", "random"]}
 
 
 class UnknownArmError(ValueError):

@@ -43,6 +43,24 @@ def test_hard_negatives_are_added_hardest_first_up_to_the_budget_and_easy_ones_r
     assert next_round([], tie, BootstrapSettings(budget=1, rounds=5), 0).added == ["a"]
 
 
+def test_the_control_adds_as_many_as_mining_drawn_at_random_from_outside_the_set():
+    mined = next_round(["c", "f", "g", "h"], POOL, BootstrapSettings(budget=3, drop_thresh=0.1, rounds=5), 0)
+    draws = set()
+    for seed in range(30):
+        settings = BootstrapSettings(budget=3, drop_thresh=0.1, rounds=5, choose="random", seed=seed)
+        plan = next_round(["c", "f", "g", "h"], POOL, settings, rounds_done=0)
+        assert len(plan.added) == len(mined.added) == 3 and set(plan.added) <= {"a", "b", "d", "e"}
+        assert plan.removed == mined.removed and plan.stop == mined.stop  # the other rules are mining's
+        assert plan.negatives == sorted({"c", "f"} | set(plan.added))
+        assert next_round(["c", "f", "g", "h"], POOL, settings, rounds_done=0) == plan  # seeded
+        draws.add(tuple(sorted(plan.added)))
+    assert len(draws) == 4  # every 3 of the 4 outside images, "e" (which does not fire) among them
+    one = BootstrapSettings(budget=3, rounds=5, choose="random")
+    assert next_round([], POOL, one, 0).added != next_round([], POOL, one, 1).added  # each round draws anew
+    with pytest.raises(BootstrapError, match="^--choose 'easiest': expected one of hardest, random$"):
+        BootstrapSettings(choose="easiest")
+
+
 def test_the_cap_limits_additions_and_stops_when_full():
     capped = BootstrapSettings(budget=3, max_negatives=4, initial_negatives=2, rounds=5)
     plan = next_round(["c", "f", "g"], POOL, capped, rounds_done=0)

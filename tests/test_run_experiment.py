@@ -170,7 +170,7 @@ def test_negative_pools_and_the_bootstrap_arm_from_the_runner(tmp_path):
     tools/bootstrap.py), and each run's false positives per held-out negative image are reported."""
     out = tmp_path / "exp"
     done = run_tool("run_experiment.py", "--output", out, "--data-root", tmp_path / "data", "--parallel", 2,
-                    "--arms", "stock", "bootstrap", "--synthetic-negatives", 6,
+                    "--arms", "stock", "bootstrap", "bootstrap_random", "--synthetic-negatives", 6,
                     "--bootstrap-opts", "--rounds 1 --initial-negatives 2 --budget 2 --score-thresh 0.05 --drop-thresh 0.01",
                     *TINY_RUN)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -181,8 +181,11 @@ def test_negative_pools_and_the_bootstrap_arm_from_the_runner(tmp_path):
     boot_argv = json.loads((out / "bootstrap" / "seed_0" / "run.json").read_text())["argv"]
     assert "DATASETS.TRAIN" not in boot_argv and boot_argv[boot_argv.index("--pool") + 1] == "negatives_train"
     state = json.loads((out / "bootstrap" / "seed_0" / "bootstrap.json").read_text())
-    assert state["done"] and len(state["rounds"][0]["negatives"]) == 2
-    for arm in ("stock", "bootstrap"):
+    assert state["done"] and len(state["rounds"][0]["negatives"]) == 2 and state["settings"]["choose"] == "hardest"
+    control = json.loads((out / "bootstrap_random" / "seed_0" / "bootstrap.json").read_text())
+    assert control["done"] and control["settings"]["choose"] == "random"
+    assert control["rounds"][0]["negatives"] == state["rounds"][0]["negatives"]  # the same round 0
+    for arm in ("stock", "bootstrap", "bootstrap_random"):
         held_out = json.loads((out / arm / "seed_0" / "held_out_negatives.json").read_text())
         assert held_out["images"] == 6 and held_out["score_threshold"] == 0.5
         assert results["arms"][arm]["mean"]["fp_per_negative_image"] == held_out["false_positives_per_image"]

@@ -18,7 +18,7 @@ FLAGS = {
     "train_net.py": TRAINING_FLAGS,
     "bootstrap.py": TRAINING_FLAGS | {"--pool", "--held-out-pool", "--rounds", "--initial-negatives", "--budget",
                                       "--max-negatives", "--score-thresh", "--drop-thresh", "--hard-positives",
-                                      "--from-scratch", "--bootstrap-seed"},
+                                      "--from-scratch", "--bootstrap-seed", "--choose"},
     "lazyconfig_train_net.py": TRAINING_FLAGS | {"--arm", "--sizes-from-images"},
     "benchmark.py": {"--suite", "--arms", "--heads", "--precisions", "--iters", "--warmup", "--block", "--device",
                      "--threads", "--images", "--annotations", "--seed", "--out", "--image-size"},

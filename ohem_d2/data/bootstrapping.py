@@ -11,12 +11,19 @@ model scores every pool image (the highest detection score on it, and how many d
   ``budget`` per round and up to ``max_negatives`` in the training set;
 * **removed**: training negatives whose highest score fell below ``drop_thresh``: the model no
   longer fires on them. They go back to the pool and are added again if they turn hard again;
+* **the control** (``choose="random"``): as many pool images as mining would add, drawn at random
+  (seeded) from all those outside the training set, firing or not; the rest as above. The training
+  set then grows on mining's schedule with images that were not chosen for being hard, which
+  separates what the choice does from what a growing mixture of negatives does;
 * **stop**: the next round is the last when no pool image outside the training set fires (zero
   false positives on the pool), when the training set is at ``max_negatives`` and none can be
   added, or when it is mining round ``rounds``.
 """
 import random
 from dataclasses import asdict, dataclass
+
+
+CHOICES = ("hardest", "random")
 
 
 class BootstrapError(ValueError):
@@ -34,7 +41,8 @@ class BootstrapSettings:
     hard_positives: bool = False  # repeat positives with missed objects in the next round
     positive_iou: float = 0.5  # a GT object is found by a detection of its class at this IoU ...
     from_scratch: bool = False  # each round trains the whole schedule anew (default: fine-tunes)
-    seed: int = 0  # round 0's random subset
+    seed: int = 0  # round 0's random subset (and the control's draws)
+    choose: str = "hardest"  # which pool images a round adds: "hardest", or "random" (the control)
 
     def __post_init__(self):
         checks = [
@@ -48,6 +56,7 @@ class BootstrapSettings:
             (0 <= self.drop_thresh < self.score_thresh,
              f"--drop-thresh {self.drop_thresh}: expected a score in [0, --score-thresh {self.score_thresh})"),
             (0 < self.positive_iou <= 1, f"--positive-iou {self.positive_iou}: expected an IoU in (0, 1]"),
+            (self.choose in CHOICES, f"--choose {self.choose!r}: expected one of {', '.join(CHOICES)}"),
         ]
         for ok, message in checks:
             if not ok:  # NaN fails every comparison
@@ -91,6 +100,9 @@ def next_round(current, scores, settings, rounds_done):
                   key=lambda f: (-scores[f].max_score, -scores[f].false_positives, f))
     room = settings.budget if not settings.max_negatives else min(settings.budget, settings.max_negatives - len(kept))
     added = hard[:max(room, 0)]
+    if settings.choose == "random":  # the control: as many, drawn from everything outside the set
+        outside = sorted(f for f in scores if f not in current)
+        added = random.Random(f"{settings.seed}:{rounds_done}").sample(outside, len(added))
     if not hard:
         stop = "no false positives on the pool outside the training set"
     elif not added:

@@ -30,7 +30,15 @@ from detectron2.engine import default_setup
 from detectron2.structures import pairwise_iou
 from detectron2.utils.env import seed_all_rng
 
-from ..data.bootstrapping import BootstrapError, BootstrapSettings, Score, initial_negatives, next_round, score_image
+from ..data.bootstrapping import (
+    CHOICES,
+    BootstrapError,
+    BootstrapSettings,
+    Score,
+    initial_negatives,
+    next_round,
+    score_image,
+)
 from ..data.datasets import DatasetError, register_negatives
 from ..data.negatives import dataset_files, is_pool, judge_pools, pool_files, pool_source
 from .defaults import USER_ERRORS, Trainer, build_config, training_argument_parser, write_eval_results
@@ -66,7 +74,10 @@ def argument_parser(description=None):
     group.add_argument("--from-scratch", action="store_true",
                        help="every round trains the whole schedule from MODEL.WEIGHTS (default: the rounds share it)")
     group.add_argument("--bootstrap-seed", type=int, default=defaults.seed,
-                       help="seed of round 0's random negatives (default: %(default)s)")
+                       help="seed of round 0's random negatives and of --choose random (default: %(default)s)")
+    group.add_argument("--choose", choices=CHOICES, default=defaults.choose,
+                       help="which pool images a round adds: the hardest, or as many drawn at random (the control "
+                            "that separates mining from a growing set of negatives; default: %(default)s)")
     return parser
 
 
@@ -74,7 +85,7 @@ def settings_of(args):
     return BootstrapSettings(rounds=args.rounds, initial_negatives=args.initial_negatives, budget=args.budget,
                              max_negatives=args.max_negatives, score_thresh=args.score_thresh,
                              drop_thresh=args.drop_thresh, hard_positives=args.hard_positives,
-                             from_scratch=args.from_scratch, seed=args.bootstrap_seed)
+                             from_scratch=args.from_scratch, seed=args.bootstrap_seed, choose=args.choose)
 
 
 def check(args, cfg, settings):

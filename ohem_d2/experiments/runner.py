@@ -179,7 +179,7 @@ def plan_runs(args):
             raise ExperimentError(f"arm {arm!r} trains with tools/bootstrap.py, from a yacs (.yaml) base config")
         flags, overrides = run_kind.arm_args(arm, base)
         if arm in BOOTSTRAP_ARMS:
-            flags = ["--pool", TRAIN_POOL] + shlex.split(args.bootstrap_opts) + flags
+            flags = ["--pool", TRAIN_POOL] + shlex.split(args.bootstrap_opts) + BOOTSTRAP_ARMS[arm] + flags
         elif with_pool:
             overrides = overrides + ["DATASETS.TRAIN", str(tuple(with_pool))]
         arms[arm] = {"description": describe(arm), "overrides": flags + overrides}
