@@ -1,6 +1,7 @@
 """The runner's report from run folders: resumed runs, cascade diagnostics, runs without a test set."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,22 @@ def test_a_run_without_saved_detections_has_no_lookalike_count_and_says_why(look
     assert fp["seeds"] == [0, 2] and fp["df"] == 1  # paired over the seeds that have a count
     assert ("FP on look-alikes / image is n/a for ohem seed 1: no detections file "
             "inference/synthetic_val/coco_instances_results.json.") in table
+
+
+def test_counted_lookalikes_are_kept_beside_the_run_for_a_copy_without_detections(lookalike_experiment):
+    """A published run folder keeps its small files only (docs/results): its look-alike counts,
+    counted once from the detections, still reach the report; at another threshold they do not."""
+    tmp_path, run_dirs = lookalike_experiment
+    first, _, _ = write_report({}, run_dirs, str(tmp_path))
+    for seeds in run_dirs.values():
+        for run_dir in seeds.values():
+            shutil.rmtree(Path(run_dir) / "inference")
+    again, _, _ = write_report({}, run_dirs, str(tmp_path))
+    assert again["arms"]["ohem"]["runs"]["1"]["lookalikes"] == first["arms"]["ohem"]["runs"]["1"]["lookalikes"]
+    assert again["arms"]["ohem"]["paired"] == first["arms"]["ohem"]["paired"]
+    other, _, _ = write_report({}, run_dirs, str(tmp_path), score_threshold=0.9)
+    assert other["arms"]["ohem"]["runs"]["1"]["lookalikes"] == {
+        "unavailable": "no detections file inference/synthetic_val/coco_instances_results.json"}
 
 
 def test_arms_of_one_seed_are_paired_without_interval_and_plotted(tmp_path):

@@ -29,6 +29,9 @@ FP_LABEL = "FP on look-alikes / image"
 # False positives per image of the held-out negative pool, from each run's NEGATIVES_FILE
 # (experiments/negative_pools.py writes it).
 NEGATIVES_FILE = "held_out_negatives.json"
+# Each run's look-alike counts, kept beside it when counted: a run folder without its detections
+# (a published copy keeps the small files only) still reports them.
+LOOKALIKES_FILE = "lookalikes.json"
 NEGATIVES_KEY = "fp_per_negative_image"
 NEGATIVES_LABEL = "FP / held-out negative image"
 # The metrics compared paired against the reference arm, and how many decimals they are shown with.
@@ -106,6 +109,10 @@ class LookalikesUnavailable(Exception):
     """Why a run has no count of false positives on look-alikes (said in results.json)."""
 
 
+class NoDetections(LookalikesUnavailable):
+    """The run's detections file is not there (deleted, or never written)."""
+
+
 def lookalike_inputs(run_dir):
     """The detections file and test-set JSON of a run's first test set, from its config.yaml.
 
@@ -126,7 +133,7 @@ def lookalike_inputs(run_dir):
     name = datasets["TEST"][0]
     detections = os.path.join("inference", name, "coco_instances_results.json")
     if not os.path.isfile(os.path.join(run_dir, detections)):
-        raise LookalikesUnavailable(f"no detections file {detections}")
+        raise NoDetections(f"no detections file {detections}")
     json_files = {entry[0]: entry[1] for entry in datasets.get("REGISTER_COCO", [])}
     if name not in json_files:
         raise LookalikesUnavailable(f"test set {name!r} is not a DATASETS.REGISTER_COCO entry")
@@ -137,16 +144,25 @@ def lookalike_inputs(run_dir):
 
 def summarize_lookalikes(run_dir, read_test_set=read_json, score_threshold=SCORE_THRESHOLD):
     """The run's false positives on look-alikes (``lookalike_false_positives``, plus the test-set
-    JSON they were counted against), or ``{"unavailable": why}``."""
+    JSON they were counted against), or ``{"unavailable": why}``. Counted from the run's detections
+    and kept in ``run_dir/``:data:`LOOKALIKES_FILE`; read from there where the detections are gone
+    (at the same score threshold)."""
+    kept = os.path.join(run_dir, LOOKALIKES_FILE)
     try:
         detections_file, test_json = lookalike_inputs(run_dir)
         coco = read_test_set(test_json)
         if not records_lookalikes(coco):
             raise LookalikesUnavailable("the test set JSON records no look-alikes")
         counts = lookalike_false_positives(read_json(detections_file), coco, score_threshold)
+    except NoDetections as e:
+        known = read_json(kept) if os.path.isfile(kept) else {}
+        return known if known.get("score_threshold") == score_threshold else {"unavailable": str(e)}
     except (LookalikesUnavailable, ValueError) as e:  # ValueError: unreadable or mismatched files
         return {"unavailable": str(e)}
-    return {"test_json": test_json, **counts}
+    summary = {"test_json": test_json, **counts}
+    with open(kept, "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
 
 
 def summarize_run(run_dir, read_test_set=read_json, score_threshold=SCORE_THRESHOLD):
