@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import CONFIGS, REPO, require_coco128
+from conftest import CONFIGS, REPO, load_cfg, require_coco128
 
 TINY_RUN = ["--synthetic", "num_train=8", "--synthetic", "num_val=4", "--synthetic", "image_size=64",
             "SOLVER.MAX_ITER", "5", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0",
@@ -126,6 +126,29 @@ def test_an_unknown_reference_arm_stops_before_training(tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "reference arm 'stokc' is not one of the arms (stock, ohem)" in done.stderr
     assert not (tmp_path / "exp").exists()
+
+
+def test_an_fp_score_threshold_below_an_arms_test_threshold_stops_before_training(tmp_path):
+    """The look-alike false positives are counted in the saved detections, which stop at the arm's
+    SCORE_THRESH_TEST: a lower --fp-score-threshold undercounted them, silently."""
+    done = run_tool("run_experiment.py", "--output", tmp_path / "exp", "--data-root", tmp_path / "data",
+                    "--arms", "stock", "ohem", *TINY_RUN, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.6")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --fp-score-threshold 0.5 is below arm 'stock''s MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.6: its saved "
+        "detections stop there, so the false positives between the two would go uncounted; raise "
+        "--fp-score-threshold or lower MODEL.ROI_HEADS.SCORE_THRESH_TEST")
+    assert not (tmp_path / "exp").exists()
+
+
+def test_the_fp_score_threshold_is_checked_against_the_heads_that_detect():
+    from ohem_d2.experiments.runner import ExperimentError, check_fp_score_threshold
+
+    cfg = load_cfg("Synthetic-Detection/retinanet_R_18_FPN_scratch.yaml", ["MODEL.META_ARCHITECTURE", "OHEMRetinaNet"])
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST, cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.9, 0.3
+    check_fp_score_threshold("retinanet_ohem", cfg, 0.5)  # RetinaNet's threshold counts, not the RoI heads'
+    with pytest.raises(ExperimentError, match="below arm 'retinanet_ohem''s MODEL.RETINANET.SCORE_THRESH_TEST 0.3"):
+        check_fp_score_threshold("retinanet_ohem", cfg, 0.2)
 
 
 def test_the_datasets_are_checked_once_per_experiment_not_per_run_or_process(tmp_path, monkeypatch):

@@ -21,12 +21,13 @@ from tqdm import tqdm
 
 from ..arms import ARMS, BOOTSTRAP_ARMS, DEFAULT_ARMS, UnknownArmError, describe
 from ..data.bootstrapping import BootstrapError
+from ..data.datasets import class_outputs
 from ..data.synthetic import SyntheticDatasetError, generate_synthetic_dataset
 from ..engine.bootstrap import settings_of as bootstrap_settings
 from ..engine.defaults import USER_ERRORS as PICTURE_ERRORS
 from ..engine.lazy import LAZY_USER_ERRORS
 from . import slurm
-from .config_kinds import YACS, arm_kind, config_kind
+from .config_kinds import LAZY, YACS, arm_kind, config_kind
 from .mining_pictures import write_mining_pictures
 from .negative_pools import HELD_OUT_POOL, TRAIN_POOL, check_pools, held_out_false_positives, synthetic_negatives
 from .report import SCORE_THRESHOLD, choose_reference, write_report
@@ -191,7 +192,9 @@ def plan_runs(args):
                 parsed = run_kind.argument_parser().parse_args(argv)
             except SystemExit:  # argparse has printed why (a bad --bootstrap-opts)
                 raise ExperimentError(f"bad --bootstrap-opts {args.bootstrap_opts!r} (see above)") from None
-            run_kind.build_config(parsed, check=False)
+            built = run_kind.build_config(parsed, check=False)
+            if run_kind is not LAZY:  # look-alikes are counted for yacs runs
+                check_fp_score_threshold(arm, built, args.fp_score_threshold)
             if arm in BOOTSTRAP_ARMS:
                 bootstrap_settings(parsed)  # its thresholds and counts, checked before any run starts
             runs[(arm, seed)] = (run_dir, argv)
@@ -206,6 +209,19 @@ def plan_runs(args):
         "negative_pools": pools,
     }
     return output, runs, experiment
+
+
+def check_fp_score_threshold(arm, cfg, threshold):
+    """Refuse an ``--fp-score-threshold`` below the test score threshold of a yacs arm's detecting
+    heads: its saved detections stop there, so the look-alike false positives between the two
+    would go uncounted, silently."""
+    for head in (output.key.split(".")[1] for output in class_outputs(cfg)):
+        key = f"MODEL.{head}.SCORE_THRESH_TEST"
+        if "SCORE_THRESH_TEST" in cfg.MODEL[head] and threshold < cfg.MODEL[head].SCORE_THRESH_TEST:
+            raise ExperimentError(
+                f"--fp-score-threshold {threshold} is below arm {arm!r}'s {key} {cfg.MODEL[head].SCORE_THRESH_TEST}: "
+                "its saved detections stop there, so the false positives between the two would go uncounted; "
+                f"raise --fp-score-threshold or lower {key}")
 
 
 def check_same_settings(run_dir, argv):
