@@ -219,6 +219,23 @@ def test_killed_between_rounds_it_resumes_to_the_same_result(uninterrupted, data
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
 
+def test_a_run_from_before_a_setting_existed_resumes_as_its_default(uninterrupted, data, tmp_path):
+    """bootstrap.json of a run started before --choose existed lacks the key: resuming it with the
+    default is that run; with --choose random it is another run and refused."""
+    whole_dir, whole, _ = uninterrupted
+    out = tmp_path / "old"
+    out.mkdir()
+    state = dict(whole, settings={k: v for k, v in whole["settings"].items() if k != "choose"})
+    (out / "bootstrap.json").write_text(json.dumps(state))
+    other = subprocess.run(command(data, out, "--resume", "--choose", "random"), capture_output=True, text=True,
+                           timeout=300, env=ENV)
+    assert other.returncode != 0 and "holds a bootstrapping run with other settings" in other.stderr.splitlines()[-1]
+    same = subprocess.run(command(data, out, "--resume"), capture_output=True, text=True, timeout=300, env=ENV)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert json.loads((out / "bootstrap.json").read_text())["settings"]["choose"] == "hardest"
+    assert json.loads((out / "eval_results.json").read_text()) == whole["rounds"][-1]["metrics"]
+
+
 def one_line_error(data, tmp_path, *extra, pool=None, opts=()):
     done = subprocess.run(command(data, tmp_path / "out", *extra, pool=pool, opts=opts), capture_output=True,
                           text=True, timeout=300, env=ENV)

@@ -131,6 +131,8 @@ class Bootstrap:
         if os.path.isfile(self.path):
             with open(self.path) as f:
                 state = json.load(f)
+            # A run started before a setting existed ran as its default does (--choose: hardest).
+            state["settings"] = {**BootstrapSettings().as_dict(), **state["settings"]}
             if state["settings"] != settings:
                 raise BootstrapError(f"{self.path} holds a bootstrapping run with other settings ({state['settings']}); "
                                      "use another OUTPUT_DIR, or the same settings to resume it")
