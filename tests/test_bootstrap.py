@@ -104,6 +104,9 @@ def test_pools_are_scored_down_to_the_lowest_threshold_a_rule_reads():
     scoring = scoring_config(cfg, 0.4)  # never raised
     assert (scoring.MODEL.ROI_HEADS.SCORE_THRESH_TEST, scoring.MODEL.RETINANET.SCORE_THRESH_TEST) == (0.4, 0.3)
     assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.5  # the test metrics' config is left as it was
+    # The lowest score a rule reads: --drop-thresh, or --score-thresh when nothing is dropped.
+    assert BootstrapSettings(drop_thresh=0.1).lowest_score_read == 0.1
+    assert BootstrapSettings(drop_thresh=0.0, score_thresh=0.4).lowest_score_read == 0.4
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -65,6 +65,12 @@ class BootstrapSettings:
     def as_dict(self):
         return asdict(self)
 
+    @property
+    def lowest_score_read(self):
+        """The lowest detection score a rule compares with: ``drop_thresh``, or ``score_thresh``
+        when nothing is dropped. The pools are scored down to it."""
+        return self.drop_thresh if self.drop_thresh > 0 else self.score_thresh
+
 
 @dataclass(frozen=True)
 class Score:

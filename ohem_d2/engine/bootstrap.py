@@ -231,9 +231,7 @@ class Bootstrap:
         self.save()
 
     def model(self, entry):
-        # The rules read scores down to --drop-thresh (--score-thresh when nothing is dropped).
-        lowest = self.settings.drop_thresh if self.settings.drop_thresh > 0 else self.settings.score_thresh
-        model = Trainer.build_model(scoring_config(self.cfg, lowest))
+        model = Trainer.build_model(scoring_config(self.cfg, self.settings.lowest_score_read))
         DetectionCheckpointer(model).load(os.path.join(self.cfg.OUTPUT_DIR, entry["model"]))
         model.eval()
         return model
